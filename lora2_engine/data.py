@@ -1,0 +1,170 @@
+"""Subject images and captions → tensors, with every bad input named and nothing lost.
+
+One unreadable image never loses the others: it is skipped and reported. A folder with no
+usable image at all is an error that names the folder and each file's problem.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MIN_SIDE = 32  # smaller images carry no usable detail at any training resolution
+MAX_PIXELS = 100_000_000  # above this PIL's decompression-bomb guard would trigger anyway
+
+
+class SubjectDataError(ValueError):
+    """The subject folder cannot be used; the message names the folder/files and the fix."""
+
+
+@dataclass
+class SubjectImage:
+    path: Path | None
+    pixels: torch.Tensor  # (3, H, W) float in [0, 1]
+    caption: str
+
+
+@dataclass
+class SubjectData:
+    images: list[SubjectImage]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    orphan_captions: list[str] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        out = [f"skipped {f}: {why}" for f, why in self.skipped]
+        out += [f"caption {c} has no image with the same name; it is ignored"
+                for c in self.orphan_captions]
+        return out
+
+
+def instance_prompt(token: str, class_noun: str, template: str = "a photo of {token} {cls}"):
+    """The DreamBooth instance prompt, e.g. ``"a photo of sks dog"``."""
+    return " ".join(template.format(token=token, cls=class_noun).split())
+
+
+def to_rgb(img):
+    """Any PIL mode (CMYK, 16-bit, palette, RGBA, grayscale) → 8-bit RGB, EXIF rotation applied.
+
+    Transparent pixels are composited on white, as an artist would see them.
+    """
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img) * 255, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def resize_center_crop(img, size: int):
+    """Scale the short side to ``size`` and crop the center square."""
+    from PIL import Image
+
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def resize_bucket(img, size: int, step: int = 64):
+    """Keep the aspect ratio at about ``size``² pixels, sides multiple of ``step`` (kohya)."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = (size * size / (w * h)) ** 0.5
+    bw, bh = max(step, round(w * scale / step) * step), max(step, round(h * scale / step) * step)
+    s = max(bw / w, bh / h)
+    img = img.resize((max(bw, round(w * s)), max(bh, round(h * s))), Image.LANCZOS)
+    w, h = img.size
+    left, top = (w - bw) // 2, (h - bh) // 2
+    return img.crop((left, top, left + bw, top + bh))
+
+
+def load_image(path: str | os.PathLike, resolution: int, mode: str = "crop") -> torch.Tensor:
+    """Open, validate and resize one image → (3, H, W) in [0, 1]; raises ``ValueError`` why."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} is too large (over {MAX_PIXELS:,} "
+                                 "pixels): downscale it first")
+            im.load()
+            rgb = to_rgb(im)
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"too large to open safely ({exc}): downscale it first") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"corrupt or truncated image ({exc}): re-export it") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise ValueError(f"{rgb.width}x{rgb.height} is too small (shorter side under "
+                         f"{MIN_SIDE} px): use a larger photo")
+    rgb = resize_bucket(rgb, resolution) if mode == "bucket" else resize_center_crop(rgb,
+                                                                                   resolution)
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
+                 mode: str = "crop") -> SubjectData:
+    """Read every image of ``folder``; a ``name.txt`` beside ``name.jpg`` overrides ``prompt``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SubjectDataError(f"{folder}: no such folder; give a folder of subject photos")
+    if mode not in ("crop", "bucket"):
+        raise SubjectDataError(f"mode={mode!r}: choose 'crop' or 'bucket'")
+    if not isinstance(resolution, int) or not 64 <= resolution <= 4096 or resolution % 8:
+        raise SubjectDataError(f"resolution={resolution!r}: use a multiple of 8 in [64, 4096]")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images, skipped = [], []
+    stems = set()
+    for p in files:
+        if p.suffix.lower() == ".txt":
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((p.name, f"not an image file ({p.suffix or 'no extension'})"))
+            continue
+        try:
+            pixels = load_image(p, resolution, mode)
+        except ValueError as exc:
+            skipped.append((p.name, str(exc)))
+            continue
+        caption = _caption_for(p) or prompt
+        images.append(SubjectImage(p, pixels, caption))
+        stems.add(p.stem)
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.stem not in stems
+               and not any(q.stem == p.stem and q.suffix.lower() in IMAGE_SUFFIXES
+                           for q in files)]
+    if not images:
+        detail = "; ".join(f"{f}: {why}" for f, why in skipped) or "the folder is empty"
+        raise SubjectDataError(f"{folder}: no usable image ({detail}). Add .jpg/.png/.webp "
+                               "photos of the subject")
+    return SubjectData(images, skipped, orphans)
+
+
+def _caption_for(image_path: Path) -> str | None:
+    txt = image_path.with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    try:
+        text = txt.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        text = txt.read_text(encoding="latin-1").strip()
+    return " ".join(text.split()) or None

@@ -1,0 +1,243 @@
+"""LoRA files: export adapters with Lambda folded, read kohya / ComfyUI / diffusers files.
+
+Every module gets ``alpha = D_l`` so stock loaders (scale ``alpha / rank``) apply scale 1 with
+a different rank per module; diffusers/PEFT get ``rank_pattern``/``alpha_pattern`` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import LoraFileError, load_tensors, parse_json_metadata, save_tensors
+from .keys import OTHER, UNetLayout, file_key
+
+FORMAT_VERSION = "1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SUFFIXES = {  # file suffix → (style family, role)
+    ".lora_down.weight": ("kohya", "down"), ".lora_up.weight": ("kohya", "up"),
+    ".lora_A.weight": ("diffusers", "down"), ".lora_B.weight": ("diffusers", "up"),
+    ".lora.down.weight": ("diffusers", "down"), ".lora.up.weight": ("diffusers", "up"),
+    ".alpha": (None, "alpha"),
+}
+_BASE_VERSIONS = {"sd15": ("sd_v1", "stable-diffusion-v1/lora"),
+                  "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
+
+
+@dataclass
+class ModuleWeights:
+    """One module of a LoRA file: ``delta = up @ down * alpha / rank`` (the stock rule)."""
+
+    down: torch.Tensor  # (r, n) or (r, n, 1, 1)
+    up: torch.Tensor  # (m, r) or (m, r, 1, 1)
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """``Delta W`` (m, n) as ComfyUI, kohya and A1111 compute it."""
+        up, down = self.up.flatten(1).float(), self.down.flatten(1).float()
+        return up @ down * self.scale
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file in memory: modules by key prefix, the key style, metadata, other tensors."""
+
+    modules: dict[str, ModuleWeights]
+    style: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None
+
+    def ranks(self) -> dict[str, int]:
+        return {k: w.rank for k, w in self.modules.items()}
+
+    def lora2_modules(self) -> dict[str, dict[str, Any]] | None:
+        """Our per-module record (``nu``, rank, shape) or ``None`` for other tools' files."""
+        return parse_json_metadata(self.metadata, "lora2.modules", self.path or "file")
+
+    def family(self) -> str | None:
+        """The base-model family: from our metadata, kohya's, or the cross-attention width."""
+        fam = self.metadata.get("lora2.family")
+        if fam:
+            return fam
+        ver = self.metadata.get("ss_base_model_version", "")
+        if ver.startswith("sdxl"):
+            return "sdxl"
+        if ver.startswith("sd_v1"):
+            return "sd15"
+        for key, w in self.modules.items():
+            if "attn2" in key and ("to_k" in key or "to_v" in key):
+                return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(w.down.flatten(1).shape[1])
+        return None
+
+
+def _write_key(prefix: str, role: str, style: str) -> str:
+    if style == "diffusers":
+        return prefix + {"down": ".lora_A.weight", "up": ".lora_B.weight"}[role]
+    return prefix + {"down": ".lora_down.weight", "up": ".lora_up.weight"}[role]
+
+
+def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``lora`` in its own key style, atomically."""
+    tensors: dict[str, torch.Tensor] = dict(lora.extra)
+    for prefix, w in lora.modules.items():
+        tensors[_write_key(prefix, "down", lora.style)] = w.down
+        tensors[_write_key(prefix, "up", lora.style)] = w.up
+        if w.alpha is not None and lora.style != "diffusers":
+            tensors[prefix + ".alpha"] = torch.tensor(float(w.alpha))
+    meta = dict(lora.metadata)
+    if lora.style == "diffusers":
+        meta["lora_adapter_metadata"] = json.dumps(_peft_config(lora))
+    return save_tensors(path, tensors, meta, overwrite=overwrite)
+
+
+def _peft_config(lora: LoraFile) -> dict[str, Any]:
+    """PEFT's view: one ``r`` plus ``rank_pattern``/``alpha_pattern`` so every scale is 1."""
+    names = {k.removeprefix("unet."): w for k, w in lora.modules.items()}
+    first = next(iter(names.values()))
+    r0 = first.rank
+    return {"r": r0, "lora_alpha": first.alpha if first.alpha is not None else r0,
+            "target_modules": sorted({n.rsplit(".", 2)[-1] if n.endswith(".0") else
+                                      n.rsplit(".", 1)[-1] for n in names}),
+            "rank_pattern": {n: w.rank for n, w in names.items()},
+            "alpha_pattern": {n: (w.alpha if w.alpha is not None else w.rank)
+                              for n, w in names.items()}}
+
+
+def read_lora(path: str | os.PathLike) -> LoraFile:
+    """Read a LoRA written by this pack, kohya sd-scripts, ComfyUI's SaveLoRA or diffusers."""
+    path = Path(path)
+    tensors, meta = load_tensors(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    styles: set[str] = set()
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        for suffix, (style, role) in _SUFFIXES.items():
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[role] = t
+                if style:
+                    styles.add(style)
+                break
+        else:
+            extra[key] = t  # e.g. ComfyUI SaveLoRA's .diff / .diff_b: kept, not interpreted
+    modules: dict[str, ModuleWeights] = {}
+    for prefix, p in parts.items():
+        if "down" not in p or "up" not in p:
+            if set(p) == {"alpha"}:
+                continue
+            missing = "up" if "down" in p else "down"
+            raise LoraFileError(f"{path}: module {prefix!r} has no {missing} matrix; the file "
+                                "is incomplete: export it again")
+        down, up = p["down"], p["up"]
+        if down.shape[0] != up.shape[1]:
+            raise LoraFileError(f"{path}: module {prefix!r} has down {tuple(down.shape)} and up "
+                                f"{tuple(up.shape)} of different ranks; the file is damaged")
+        alpha = float(p["alpha"]) if "alpha" in p else None
+        modules[prefix] = ModuleWeights(down, up, alpha)
+    if not modules:
+        raise LoraFileError(f"{path}: no LoRA modules (lora_down/lora_up or lora_A/lora_B "
+                            "pairs) found: this is not a LoRA file")
+    if "diffusers" in styles:
+        style = "diffusers"
+        _apply_peft_alphas(modules, meta, path)
+    elif all(k.startswith("diffusion_model.") for k in modules):
+        style = "comfy"
+    else:
+        style = "kohya"
+    return LoraFile(modules, style, meta, extra, path)
+
+
+def _apply_peft_alphas(modules: dict[str, ModuleWeights], meta: dict[str, str], path) -> None:
+    cfg = parse_json_metadata(meta, "lora_adapter_metadata", path)
+    if not isinstance(cfg, dict):
+        return
+    pattern = cfg.get("alpha_pattern") or {}
+    for prefix, w in modules.items():
+        if w.alpha is None:
+            name = prefix.removeprefix("unet.")
+            w.alpha = float(pattern.get(name, cfg.get("lora_alpha", w.rank)))
+
+
+def export_adapters(adapters, path: str | os.PathLike, export=None,
+                    layout: UNetLayout = OTHER, train_config=None, steps: int | None = None,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write trained adapters as one standard LoRA file with Lambda folded (method.md §4).
+
+    ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)``, ``alpha = D``: every stock loader then
+    computes exactly ``B Lambda A`` for every module, whatever its rank.
+    """
+    from ..config import ExportConfig, to_dict
+
+    export = export or ExportConfig()
+    dtype = _DTYPES[export.dtype]
+    modules: dict[str, ModuleWeights] = {}
+    record: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for name, layer in adapters.layers.items():
+            s = layer.slot_scale().float().sqrt()
+            a = layer.A[: layer.rank].float() * s[:, None]  # (D, n)
+            b = layer.B[:, : layer.rank].float() * s[None, :]  # (m, D)
+            if layer.is_conv:
+                a, b = a[:, :, None, None], b[:, :, None, None]
+            key = file_key(name, export.key_style, layout)
+            modules[key] = ModuleWeights(a.to(dtype), b.to(dtype), float(layer.rank))
+            rec = {"key": key, "rank": layer.rank, "m": layer.m, "n": layer.n}
+            if hasattr(layer, "nu_param"):
+                rec["nu"] = float(layer.nu)
+            record[name] = rec
+    meta = _metadata(adapters, record, layout, train_config, steps, export)
+    meta["lora2.export_config"] = json.dumps(to_dict(export))
+    meta.update(extra_metadata or {})
+    lora = LoraFile(modules, export.key_style, meta)
+    return write_lora(lora, path, overwrite=export.overwrite)
+
+
+def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str, str]:
+    from ..config import to_dict
+
+    ranks = [r["rank"] for r in record.values()]
+    meta = {
+        "lora2.format_version": FORMAT_VERSION,
+        "lora2.family": layout.family,
+        "lora2.layout": json.dumps({"num_res_blocks": list(layout.num_res_blocks),
+                                    "has_middle": layout.has_middle}),
+        "lora2.modules": json.dumps(record),
+        "lora2.adaptive": json.dumps(adapters.adaptive),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks)),
+        "ss_network_alpha": str(max(ranks)),
+        "ss_network_args": json.dumps({"algo": "lora2", "rank": "per-module",
+                                       "min_rank": min(ranks), "max_rank": max(ranks)}),
+        "ss_training_comment": "LoRA2 adaptive-rank LoRA (arXiv 2603.21884): rank per module, "
+                               "alpha = rank (scale 1)",
+    }
+    if adapters.config is not None:
+        meta["lora2.adapter_config"] = json.dumps(to_dict(adapters.config))
+    if train_config is not None:
+        meta["lora2.train_config"] = json.dumps(to_dict(train_config))
+        meta["ss_learning_rate"] = str(train_config.lr)
+        meta["ss_seed"] = str(train_config.seed)
+    if steps is not None:
+        meta["lora2.steps"] = str(steps)
+        meta["ss_steps"] = str(steps)
+        meta["ss_max_train_steps"] = str(steps)
+    if layout.family in _BASE_VERSIONS:
+        ver, arch = _BASE_VERSIONS[layout.family]
+        meta["ss_base_model_version"] = ver
+        meta["modelspec.architecture"] = arch
+        meta["modelspec.sai_model_spec"] = "1.0.0"
+        meta["modelspec.implementation"] = "sgm" if layout.family == "sdxl" else "diffusers"
+    return meta

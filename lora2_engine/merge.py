@@ -1,0 +1,46 @@
+"""Zero-padding to one rank for merge tools that need equal ranks (method.md §5).
+
+A rank-r module padded to R gets zero rows at the tail of ``down`` and zero columns at the tail
+of ``up`` (slots are ordered by importance), and ``alpha' = alpha * R / r`` so that the stock
+scale ``alpha / rank`` and therefore ``Delta W`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .formats.lora_file import LoraFile, ModuleWeights
+
+
+class PadRankError(ValueError):
+    """The requested rank is below a module's rank: padding cannot shrink."""
+
+
+def pad_module(w: ModuleWeights, rank: int) -> ModuleWeights:
+    r = w.rank
+    if rank < r:
+        raise PadRankError(f"cannot pad a rank-{r} module to rank {rank}")
+    extra = rank - r
+    down = torch.cat([w.down, w.down.new_zeros((extra, *w.down.shape[1:]))], 0)
+    up = torch.cat([w.up, w.up.new_zeros((w.up.shape[0], extra, *w.up.shape[2:]))], 1)
+    alpha = float(r if w.alpha is None else w.alpha) * rank / r
+    return ModuleWeights(down, up, alpha)
+
+
+def pad_lora(lora: LoraFile, rank: int | None = None) -> LoraFile:
+    """Pad every module to ``rank`` (default: the largest rank in the file)."""
+    largest = max(w.rank for w in lora.modules.values())
+    rank = largest if rank is None else rank
+    if not isinstance(rank, int) or rank < largest:
+        worst = max(lora.modules, key=lambda k: lora.modules[k].rank)
+        raise PadRankError(
+            f"rank={rank} is below the largest rank in the file ({largest}, module {worst!r}): "
+            f"use --rank {largest} or more")
+    meta = dict(lora.metadata)
+    meta["lora2.padded_to"] = str(rank)
+    meta["ss_network_dim"] = str(rank)
+    meta["lora2.original_ranks"] = json.dumps(lora.ranks())
+    padded = {k: pad_module(w, rank) for k, w in lora.modules.items()}
+    return LoraFile(padded, lora.style, meta, dict(lora.extra), None)

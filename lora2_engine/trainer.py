@@ -1,0 +1,273 @@
+"""The training loop: resize, forward, LoRA² terms, step; callbacks; exact checkpoints.
+
+Everything random (data order, noise, timesteps, new rank slots) comes from one
+``torch.Generator`` whose state is checkpointed with the adapters and the optimizer, so a run
+resumed from a checkpoint continues bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, to_dict
+from .formats.io import load_tensors, save_tensors
+from .inject import Adapters
+from .objective import EntropyCapture, rank_penalty
+from .optim import apply_resizes, make_optimizer
+
+LossFn = Callable[[dict, torch.Generator], torch.Tensor]
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on request (cancel, Ctrl-C); ``checkpoint`` resumes it."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"; resume from {checkpoint}" if checkpoint else ""
+        super().__init__(f"training cancelled at step {step}{where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the adapters are left at the last good step."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks the caller plugs in: progress, cancel, previews (all optional)."""
+
+    on_step: Callable[[Trainer, dict], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_preview: Callable[[Trainer], None] | None = None
+    preview_every: int = 0
+
+
+def collate(examples: Sequence[dict]) -> dict:
+    """Stack the tensors of unbatched examples; other values become lists."""
+    out = {}
+    for key in examples[0]:
+        vals = [e[key] for e in examples]
+        out[key] = torch.stack(vals) if torch.is_tensor(vals[0]) else vals
+    return out
+
+
+class Trainer:
+    """Trains the adapters of one model on a list of examples with a caller-supplied loss.
+
+    ``loss_fn(batch, generator)`` returns the task loss (e.g. :func:`schedule.diffusion_loss`);
+    the trainer adds ``lambda_r * sum|nu - nu_target|`` and ``lambda_e * entropy`` (Eq. 11).
+    """
+
+    def __init__(self, adapters: Adapters, loss_fn: LossFn, dataset: Sequence[dict],
+                 config: TrainConfig, *, entropy: EntropyCapture | None = None,
+                 checkpoint_path: str | os.PathLike | None = None,
+                 callbacks: Callbacks | None = None) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: give at least one training example")
+        self.adapters, self.loss_fn, self.dataset = adapters, loss_fn, dataset
+        self.config = config
+        self.entropy = entropy
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.callbacks = callbacks or Callbacks()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = make_optimizer(adapters, config)
+        self.step = 0
+        self.history: list[dict] = []
+        self._order = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+        self._stop = False
+        self._set_checkpointing(adapters.model, config.grad_checkpointing)
+        device = adapters.factor_parameters()[0].device
+        self._device_type = device.type
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        self._amp_dtype = amp
+        self._scaler = (torch.amp.GradScaler(self._device_type)
+                        if amp is torch.float16 and device.type == "cuda" else None)
+
+    # -- data ------------------------------------------------------------------------------
+    @staticmethod
+    def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+        if hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = on
+        elif on and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+
+    def _next_batch(self) -> dict:
+        items = []
+        for _ in range(self.config.batch_size):
+            if self._pos >= len(self._order):  # a new epoch: a fresh permutation
+                self._order = torch.randperm(len(self.dataset), generator=self.generator)
+                self._pos = 0
+            items.append(self.dataset[int(self._order[self._pos])])
+            self._pos += 1
+        return collate(items)
+
+    # -- one step ----------------------------------------------------------------------------
+    def _autocast(self):
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self._amp_dtype)
+
+    def train_step(self) -> dict:
+        """Resize to ``D(nu)``, accumulate gradients, step; returns this step's record."""
+        cfg = self.config
+        changes = self.adapters.update_ranks(self.generator)
+        apply_resizes(self.optimizer, self.adapters, changes)
+        task_sum, ent_sum = 0.0, 0.0
+        for _ in range(cfg.grad_accum):
+            batch = self._next_batch()
+            if self.entropy is not None:
+                self.entropy.clear()
+            with self._autocast():
+                task = self.loss_fn(batch, self.generator)
+            loss = task.float()
+            ent = torch.zeros(())
+            if self.entropy is not None and cfg.lambda_e > 0:
+                ent = self.entropy.mean()
+                loss = loss + cfg.lambda_e * ent
+            self._backward(loss / cfg.grad_accum)
+            task_sum += float(task.detach())
+            ent_sum += float(ent.detach())
+        reg = rank_penalty(self.adapters)
+        if cfg.lambda_r > 0 and reg.requires_grad:
+            self._backward(cfg.lambda_r * reg)
+        task_mean = task_sum / cfg.grad_accum
+        ent_mean = ent_sum / cfg.grad_accum
+        total = task_mean + cfg.lambda_r * float(reg.detach()) + cfg.lambda_e * ent_mean
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = self._save_if_possible()
+            raise NonFiniteLoss(
+                f"the loss became {total} at step {self.step + 1}; training stopped and the "
+                f"adapters are kept at step {self.step}" + (f" ({where})" if where else "")
+                + ": lower the learning rate or use mixed_precision='no'")
+        self._optimizer_step()
+        self.step += 1
+        ranks = list(self.adapters.ranks().values())
+        rec = {"step": self.step, "loss": total, "task": task_mean, "rank_reg": float(reg.detach()),
+               "entropy": ent_mean, "mean_rank": sum(ranks) / len(ranks),
+               "params": self.adapters.num_parameters()}
+        self.history.append(rec)
+        return rec
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self._scaler.scale(loss) if self._scaler else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        params = self.adapters.factor_parameters() + self.adapters.nu_parameters()
+        if self._scaler:
+            self._scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if self._scaler:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, steps: int | None = None) -> list[dict]:
+        """Train until ``steps`` (default ``config.steps``) with callbacks and checkpoints.
+
+        Ctrl-C (in the main thread) or ``should_stop()`` ends the run at a step boundary with a
+        checkpoint and :class:`TrainingInterrupted`.
+        """
+        steps = self.config.steps if steps is None else steps
+        cb = self.callbacks
+        with self._sigint_as_request():
+            while self.step < steps:
+                if self._stop or (cb.should_stop and cb.should_stop()):
+                    raise TrainingInterrupted(self.step, self._save_if_possible())
+                rec = self.train_step()
+                if cb.on_step:
+                    cb.on_step(self, rec)
+                if cb.on_preview and cb.preview_every and self.step % cb.preview_every == 0:
+                    cb.on_preview(self)
+                every = self.config.checkpoint_every
+                if every and self.step % every == 0 and self.step < steps:
+                    self._save_if_possible()
+        self.adapters.update_ranks(self.generator)  # ranks as the final nu says
+        return self.history
+
+    @contextlib.contextmanager
+    def _sigint_as_request(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(_sig, _frame):
+            self._stop = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _save_if_possible(self) -> Path | None:
+        return self.save_checkpoint() if self.checkpoint_path else None
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Atomically write the whole state: A, B, nu (full capacity), optimizer, RNG, step."""
+        path = Path(path or self.checkpoint_path)
+        tensors: dict[str, torch.Tensor] = {}
+        ranks = {}
+        for name, layer in self.adapters.layers.items():
+            tensors[f"adapter.{name}.A"] = layer.A.detach()
+            tensors[f"adapter.{name}.B"] = layer.B.detach()
+            if hasattr(layer, "nu_param"):
+                tensors[f"adapter.{name}.nu_param"] = layer.nu_param.detach()
+            ranks[name] = layer.rank
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+        tensors["rng.generator"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["data.order"] = self._order
+        meta = {"lora2.checkpoint": "1", "step": str(self.step), "data.pos": str(self._pos),
+                "ranks": json.dumps(ranks), "history": json.dumps(self.history),
+                "train_config": json.dumps(to_dict(self.config))}
+        return save_tensors(path, tensors, meta, overwrite=True)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a state written by :meth:`save_checkpoint` into this trainer."""
+        from .formats.io import LoraFileError, parse_json_metadata
+
+        tensors, meta = load_tensors(path)
+        if meta.get("lora2.checkpoint") != "1":
+            raise LoraFileError(f"{path}: not a LoRA2 training checkpoint")
+        ranks = parse_json_metadata(meta, "ranks", path)
+        if set(ranks) != set(self.adapters.layers):
+            raise LoraFileError(f"{path}: checkpoint modules differ from the attached adapters "
+                                "(other model or targets); resume with the same settings")
+        with torch.no_grad():
+            for name, layer in self.adapters.layers.items():
+                layer.A.data = tensors[f"adapter.{name}.A"].to(layer.A.device).clone()
+                layer.B.data = tensors[f"adapter.{name}.B"].to(layer.B.device).clone()
+                if hasattr(layer, "nu_param"):
+                    layer.nu_param.copy_(tensors[f"adapter.{name}.nu_param"])
+                layer.rank = int(ranks[name])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.state.clear()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                self.optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device)
+        self.generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self._order = tensors["data.order"]
+        self._pos = int(meta["data.pos"])
+        self.step = int(meta["step"])
+        self.history = parse_json_metadata(meta, "history", path) or []

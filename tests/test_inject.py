@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from lora2_engine import AdapterConfig, attach
+from lora2_engine.layer import AdaptiveLoRALayer
+
+
+def test_attach_finds_default_targets_and_detach_restores_bit_for_bit(attn_net):
+    before = {k: v.clone() for k, v in attn_net.state_dict().items()}
+    modules_before = dict(attn_net.named_modules())
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    y0 = attn_net(x, ctx)
+    ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=4, r_max=32))
+    assert len(ad) == 16  # 2 blocks x 2 attentions x q,k,v,out
+    assert all(isinstance(m, AdaptiveLoRALayer) for _, m in ad)
+    assert not any(p.requires_grad for n, p in attn_net.named_parameters() if ".base." in n)
+    for layer in ad.layers.values():
+        layer.B.data.normal_()
+    assert not torch.allclose(attn_net(x, ctx), y0)
+    ad.detach()
+    after = attn_net.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in attn_net.parameters())
+    assert dict(attn_net.named_modules()).keys() == modules_before.keys()
+    assert torch.equal(attn_net(x, ctx), y0)
+
+
+@pytest.mark.parametrize("targets,exclude,count", [
+    (("to_q",), (), 4), (("to_k", "to_v"), ("attn1",), 4), (("attn2.to_out.0",), (), 2)])
+def test_name_patterns(attn_net, targets, exclude, count):
+    ad = attach(attn_net, AdapterConfig(targets=targets, exclude=exclude, init_rank=2))
+    assert len(ad) == count
+
+
+def test_no_match_is_a_clear_error(attn_net):
+    with pytest.raises(ValueError, match="no module matches targets=.*proj_xyz"):
+        attach(attn_net, AdapterConfig(targets=("proj_xyz",)))
+
+
+def test_attach_twice_is_refused(attn_net):
+    attach(attn_net, AdapterConfig(init_rank=2))
+    with pytest.raises(ValueError, match="already carries adapters"):
+        attach(attn_net, AdapterConfig(init_rank=2))
+
+
+def test_fixed_rank_baseline(attn_net):
+    ad = attach(attn_net, fixed_rank=3)
+    assert set(ad.ranks().values()) == {3} and not ad.adaptive and ad.nu_parameters() == []

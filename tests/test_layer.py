@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from lora2_engine.config import AdapterConfig
+from lora2_engine.distribution import slot_weights
+from lora2_engine.layer import AdaptiveLoRALayer, LoRALayer
+
+
+def _layer(init_rank=4, conv=False, **kw):
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(12, 10, 1) if conv else torch.nn.Linear(12, 10)
+    cfg = AdapterConfig(r_target=2, init_rank=init_rank, r_max=64, **kw)
+    layer = AdaptiveLoRALayer(base, cfg, generator=torch.Generator().manual_seed(1))
+    layer.B.data.normal_()  # a trained-looking B so the adapter contributes
+    return layer
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_delta_weight_is_B_Lambda_A(conv):
+    layer = _layer(conv=conv)
+    lam = slot_weights(layer.nu.detach(), layer.rank)
+    direct = layer.B[:, :4] @ torch.diag(lam) @ layer.A[:4]
+    assert torch.allclose(layer.delta_weight(), direct, atol=1e-6)
+    x = torch.randn(3, 12, 5, 5) if conv else torch.randn(3, 12)
+    w = layer.base.weight.flatten(1) + direct
+    want = (torch.nn.functional.conv2d(x, w[:, :, None, None], layer.base.bias) if conv
+            else x @ w.T + layer.base.bias)
+    assert torch.allclose(layer(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_rank", [5, 9, 40])
+def test_growth_leaves_output_unchanged(new_rank):
+    layer = _layer()
+    x = torch.randn(6, 12)
+    before = layer(x).detach()
+    change = layer.resize(new_rank)
+    assert change.new_rank == new_rank and layer.rank == new_rank
+    assert torch.equal(layer.B[:, 4:new_rank], torch.zeros(10, new_rank - 4))
+    assert layer.A[4:new_rank].abs().sum() > 0  # new A rows are initialised, not zero
+    assert torch.allclose(layer(x), before, atol=1e-6)
+
+
+def test_shrink_drops_exactly_the_tail():
+    layer = _layer(init_rank=6)
+    lam = slot_weights(layer.nu.detach(), 6)
+    keep = layer.B[:, :3] @ torch.diag(lam[:3]) @ layer.A[:3]
+    layer.resize(3)
+    assert layer.rank == 3
+    assert torch.allclose(layer.delta_weight(), keep, atol=1e-6)
+
+
+def test_capacity_grows_geometrically_not_to_r_max():
+    layer = _layer(init_rank=4)
+    layer.resize(5)
+    assert layer.capacity == 8
+    layer.resize(3)
+    assert layer.capacity == 8
+    layer.resize(20)
+    assert layer.capacity == 20 and layer.capacity < layer.r_max
+
+
+@pytest.mark.parametrize("init", ["kaiming", "paper"])
+def test_init_std_follows_rule(init):
+    torch.manual_seed(0)
+    cfg = AdapterConfig(r_target=2, init_rank=64, r_max=512, init=init)
+    layer = AdaptiveLoRALayer(torch.nn.Linear(400, 8), cfg, torch.Generator().manual_seed(0))
+    f = slot_weights(layer.nu.detach(), 64)
+    want = (2 / 400) ** 0.5 / float(f.max()) if init == "kaiming" else (
+        2**0.5 / float(f.pow(2).sum().sqrt()))
+    assert float(layer.A[:64].detach().std()) == pytest.approx(want, rel=0.05)
+    assert torch.count_nonzero(layer.B) == 0
+
+
+def test_fixed_lora_scale_and_gradients():
+    base = torch.nn.Linear(8, 6)
+    layer = LoRALayer(base, 3, alpha=6.0)
+    layer.B.data.normal_()
+    assert torch.allclose(layer.delta_weight(), layer.B @ layer.A * 2.0, atol=1e-6)
+    layer(torch.randn(2, 8)).sum().backward()
+    assert layer.A.grad is not None and base.weight.grad is not None
+
+
+def test_non_linear_module_is_refused():
+    with pytest.raises(TypeError, match="Conv2d"):
+        LoRALayer(torch.nn.Conv2d(3, 3, 3), 2)
