@@ -47,9 +47,14 @@ def _class_noun(folder: Path, default: str) -> str:
 def _train(args, folder: Path, out_dir: Path) -> int:
     from .data import instance_prompt, load_subject
     from .diffusion import encode_examples, train_unet
+    from .formats.io import safe_output_path
     from .models.tiny import build_tiny
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
+    target = safe_output_path(out_dir, args.name)  # refuse a bad name before any work
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} already exists: choose another --name or --out, or "
+                              "pass --overwrite")
     noun = args.class_noun or _class_noun(folder, folder.name.rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
@@ -85,7 +90,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
         bar.close()
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
-    bar.close()
+    finally:
+        bar.close()
     ranks = list(out.ranks.values())
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, SubjectDataError, LoraFileError, PadRankError, FileExistsError) as exc:
+    except (ConfigError, SubjectDataError, LoraFileError, PadRankError, FileExistsError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ usable image at all is an error that names the folder and each file's problem.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,10 @@ def load_image(path: str | os.PathLike, resolution: int, mode: str = "crop") -> 
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # we refuse huge images ourselves, with a reason
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise ValueError(f"{im.width}x{im.height} is too large (over {MAX_PIXELS:,} "
                                  "pixels): downscale it first")

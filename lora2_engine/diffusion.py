@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, ExportConfig, TrainConfig, to_dict
+from .formats.io import safe_output_path
 from .formats.keys import OTHER, UNetLayout
 from .formats.lora_file import export_adapters
 from .inject import Adapters, attach
@@ -84,8 +85,9 @@ def train_unet(unet: nn.Module, examples: list[dict], adapter_cfg: AdapterConfig
     export = export or ExportConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = RunOutputs(out / f"{name}.safetensors", out / "rank_report.json",
-                       out / "rank_report.png", out / "loss.png", out / f"{name}.state.safetensors")
+    lora_path = safe_output_path(out, name)
+    paths = RunOutputs(lora_path, out / "rank_report.json", out / "rank_report.png",
+                       out / "loss.png", lora_path.with_name(lora_path.stem + ".state.safetensors"))
     if paths.lora.exists() and not export.overwrite:
         raise FileExistsError(f"{paths.lora} already exists: choose another name or pass "
                               "overwrite")

@@ -89,3 +89,30 @@ def parse_json_metadata(meta: dict[str, str], key: str, path: Any = "file") -> A
         raise LoraFileError(
             f"{path}: metadata field {key!r} is not valid JSON ({exc}); the file was edited "
             "or damaged: export it again") from None
+
+
+def safe_output_path(folder: str | os.PathLike, name: str,
+                     suffix: str = ".safetensors") -> Path:
+    """Resolve a user-given output ``name`` inside ``folder``, never outside it.
+
+    Sub-folders written with ``/`` are allowed (``"subject/v1"``); absolute paths, ``..``,
+    backslashes, drive letters and control characters are refused with the reason.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"output name {name!r} is empty: give a file name such as 'my_lora'")
+    raw = name.strip()
+    bad = [c for c in raw if ord(c) < 32 or c in '\\:*?"<>|']
+    if raw.startswith(("/", "~")) or bad:
+        raise ValueError(f"output name {name!r} must be a plain relative name (no absolute path, "
+                         "'~', backslash or any of :*?\"<>|): e.g. 'my_lora' or 'subject/v1'")
+    parts = raw.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"output name {name!r} may not contain '..', '.' or empty folder parts: "
+                         "it must stay inside the output folder")
+    root = Path(folder).resolve()
+    path = root.joinpath(*parts)
+    if suffix and path.suffix.lower() != suffix:
+        path = path.with_name(path.name + suffix)
+    if not path.resolve().is_relative_to(root):  # e.g. through a symlinked sub-folder
+        raise ValueError(f"output name {name!r} resolves outside {root}: choose another name")
+    return path

@@ -84,6 +84,18 @@ class LoraFile:
         return None
 
 
+FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def check_family(lora: LoraFile, family: str) -> None:
+    """Refuse a LoRA made for another base-model family (e.g. an SD1.5 file on SDXL)."""
+    have = lora.family()
+    if have and family in FAMILY_NAMES and have in FAMILY_NAMES and have != family:
+        raise LoraFileError(
+            f"{lora.path or 'this LoRA'} was made for {FAMILY_NAMES[have]} but the model is "
+            f"{FAMILY_NAMES[family]}: pick a LoRA trained for {FAMILY_NAMES[family]}")
+
+
 def _write_key(prefix: str, role: str, style: str) -> str:
     if style == "diffusers":
         return prefix + {"down": ".lora_A.weight", "up": ".lora_B.weight"}[role]

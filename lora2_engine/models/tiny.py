@@ -328,6 +328,8 @@ class TinyUNet(nn.Module):
     def __init__(self, spec: UNetSpec) -> None:
         super().__init__()
         self.spec = spec
+        # Recompute each transformer block in backward (saves activation memory). Note that
+        # hooks on CrossAttention.attention then also run during the backward recompute.
         self.gradient_checkpointing = False
         mc, emb_dim = spec.model_channels, spec.time_embed_dim
 
