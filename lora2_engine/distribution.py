@@ -32,6 +32,18 @@ def slot_weights(nu: torch.Tensor, rank: int, renormalize: bool = True,
     return f
 
 
+def slot_weights_batched(nu: torch.Tensor, width: int, renormalize: bool = True,
+                         q: float = 0.9, r_max: int = 512) -> torch.Tensor:
+    """:func:`slot_weights` for a vector of ``nu`` at once: ``(L,) -> (L, width)``."""
+    x = torch.arange(width, dtype=nu.dtype, device=nu.device)
+    nu = nu[:, None]
+    f = torch.exp(-nu * x) * (-torch.expm1(-nu))
+    if renormalize:
+        d = torch.ceil(-math.log1p(-q) / nu.detach() - _EPS).clamp(1, r_max)
+        f = f / (-torch.expm1(-nu * d))
+    return f
+
+
 def rank_from_nu(nu: float, q: float = 0.9, r_max: int = 512) -> int:
     """``D = ceil(-ln(1-q) / nu)`` clamped to ``[1, r_max]`` (paper Eq. 6)."""
     if not nu > 0:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .distribution import nu_from_param, rank_from_nu, slot_weights_batched
 from .layer import AdaptiveLoRALayer, LoRALayer, Resize
 
 
@@ -83,16 +84,52 @@ class Adapters:
         """Parameters of the exported adapter: ``sum_l D_l (m_l + n_l)``."""
         return sum(layer.rank * (layer.m + layer.n) for layer in self.layers.values())
 
+    def _adaptive(self) -> list[AdaptiveLoRALayer]:
+        return [la for la in self.layers.values() if isinstance(la, AdaptiveLoRALayer)]
+
+    def stacked_nu(self) -> torch.Tensor:
+        """Every adaptive layer's ``nu`` in one tensor (one op instead of one per layer)."""
+        layers = self._adaptive()
+        p = torch.stack([la.nu_param for la in layers])
+        return nu_from_param(p, layers[0].floor)
+
     @torch.no_grad()
     def update_ranks(self, generator: torch.Generator | None = None) -> dict[str, Resize]:
         """Set every adaptive layer's rank to ``D(nu)`` (Eq. 6); returns what changed."""
+        layers = self._adaptive()
+        if not layers:
+            return {}
+        c = self.config
+        targets = [rank_from_nu(v, c.q, c.r_max) for v in self.stacked_nu().tolist()]
         changed = {}
-        for name, layer in self.layers.items():
-            if isinstance(layer, AdaptiveLoRALayer):
-                r = layer.resize(layer.target_rank(), generator, layer.config.random_new_b)
-                if r is not None:
-                    changed[name] = r
+        names = [n for n, la in self.layers.items() if isinstance(la, AdaptiveLoRALayer)]
+        for name, layer, d in zip(names, layers, targets):
+            r = layer.resize(d, generator, c.random_new_b)
+            if r is not None:
+                changed[name] = r
         return changed
+
+    def cache_scales(self) -> torch.Tensor | None:
+        """Compute every layer's Lambda in one batched op and hand each layer its row.
+
+        The trainer calls this once per step (after :meth:`update_ranks`) instead of letting
+        168+ layers each run a dozen tiny ops: the per-step Python/dispatch overhead is what
+        separates LoRA² from a fixed LoRA in step time. Returns the stacked ``nu``.
+        """
+        layers = self._adaptive()
+        if not layers:
+            return None
+        c = self.config
+        nu = self.stacked_nu()  # (L,)
+        width = max(la.rank for la in layers)
+        f = slot_weights_batched(nu, width, c.renormalize, c.q, c.r_max)  # (L, width)
+        for i, layer in enumerate(layers):
+            layer.cached_scale = f[i, : layer.rank]
+        return nu
+
+    def clear_scales(self) -> None:
+        for layer in self._adaptive():
+            layer.cached_scale = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Active slots only, plus ``nu`` and the rank (for checkpoints)."""

@@ -140,6 +140,7 @@ class AdaptiveLoRALayer(LoRALayer):
                  generator: torch.Generator | None = None) -> None:
         self.config = config  # plain attributes: read by the first resize
         self.r_max = config.r_max
+        self.cached_scale: torch.Tensor | None = None  # set per step by Adapters.cache_scales
         self.floor = nu_floor(config.r_max, config.q)
         super().__init__(base, config.init_rank, alpha=None, generator=generator)
 
@@ -157,6 +158,8 @@ class AdaptiveLoRALayer(LoRALayer):
         return rank_from_nu(float(self.nu.detach()), self.config.q, self.config.r_max)
 
     def slot_scale(self) -> torch.Tensor:
+        if self.cached_scale is not None:
+            return self.cached_scale
         c = self.config
         return slot_weights(self.nu, self.rank, c.renormalize, c.q, c.r_max)
 

@@ -18,13 +18,16 @@ def mse_target(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def rank_penalty(adapters: Adapters) -> torch.Tensor:
-    """``sum_l |nu_l - nu_target|`` (Eq. 13): a pull toward ``r_target`` from both sides."""
-    nus = [layer.nu for layer in adapters.layers.values() if hasattr(layer, "nu_param")]
-    if not nus:
+def rank_penalty(adapters: Adapters, nu: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_l |nu_l - nu_target|`` (Eq. 13): a pull toward ``r_target`` from both sides.
+
+    ``nu`` may be the stacked values the trainer already computed this step.
+    """
+    if not adapters.adaptive:
         return torch.zeros(())
+    nu = adapters.stacked_nu() if nu is None else nu
     c = adapters.config
-    return (torch.stack(nus) - nu_for_rank(c.r_target, c.q)).abs().sum()
+    return (nu - nu_for_rank(c.r_target, c.q)).abs().sum()
 
 
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

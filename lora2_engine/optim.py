@@ -22,7 +22,8 @@ def make_optimizer(adapters: Adapters, config: TrainConfig) -> torch.optim.Optim
     nus = adapters.nu_parameters()
     if nus:
         groups.append({"params": nus, "lr": config.nu_lr, "weight_decay": 0.0, "name": "nu"})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    # foreach: one fused call per group instead of ~10 ops per tensor (CPU defaults to a loop)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
 def _fit(state: torch.Tensor, param: torch.Tensor, dim: int, change: Resize) -> torch.Tensor:

@@ -122,8 +122,15 @@ class Trainer:
         cfg = self.config
         changes = self.adapters.update_ranks(self.generator)
         apply_resizes(self.optimizer, self.adapters, changes)
+        try:
+            return self._accumulate_and_step(cfg)
+        finally:
+            self.adapters.clear_scales()
+
+    def _accumulate_and_step(self, cfg: TrainConfig) -> dict:
         task_sum, ent_sum = 0.0, 0.0
         for _ in range(cfg.grad_accum):
+            self.adapters.cache_scales()  # Lambda for all layers in one op (per backward)
             batch = self._next_batch()
             if self.entropy is not None:
                 self.entropy.clear()

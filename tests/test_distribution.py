@@ -57,3 +57,12 @@ def test_slot_weights_gradient_flows_to_nu():
     nu = torch.tensor(0.3, requires_grad=True)
     slot_weights(nu, 8).pow(2).sum().backward()
     assert nu.grad is not None and torch.isfinite(nu.grad) and nu.grad != 0
+
+
+def test_batched_slot_weights_equal_per_layer():
+    from lora2_engine.distribution import slot_weights_batched
+
+    nus = torch.tensor([0.01, 0.3, 1.2, 2.5], dtype=torch.float64)
+    batched = slot_weights_batched(nus, 9)
+    for i, nu in enumerate(nus):
+        assert torch.allclose(batched[i], slot_weights(nu, 9), rtol=1e-12)

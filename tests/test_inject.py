@@ -47,3 +47,18 @@ def test_attach_twice_is_refused(attn_net):
 def test_fixed_rank_baseline(attn_net):
     ad = attach(attn_net, fixed_rank=3)
     assert set(ad.ranks().values()) == {3} and not ad.adaptive and ad.nu_parameters() == []
+
+
+def test_cached_scales_match_each_layers_own_and_carry_gradient(attn_net):
+    ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=4, r_max=32))
+    for i, layer in enumerate(ad.layers.values()):
+        layer.nu_param.data += 0.2 * i
+    ad.update_ranks()
+    own = {n: layer.slot_scale().detach().clone() for n, layer in ad.layers.items()}
+    ad.cache_scales()
+    for n, layer in ad.layers.items():
+        assert torch.allclose(layer.slot_scale(), own[n], atol=1e-7)
+    sum(layer.slot_scale().sum() * k for k, layer in enumerate(ad.layers.values())).backward()
+    assert all(layer.nu_param.grad is not None for layer in ad.layers.values())
+    ad.clear_scales()
+    assert all(layer.cached_scale is None for layer in ad.layers.values())
