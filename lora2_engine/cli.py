@@ -46,9 +46,9 @@ def _class_noun(folder: Path, default: str) -> str:
 
 def _train(args, folder: Path, out_dir: Path) -> int:
     from .data import instance_prompt, load_subject
-    from .diffusion import encode_examples, train_unet
+    from .diffusion import train_unet
     from .formats.io import safe_output_path
-    from .models.tiny import build_tiny
+    from .models.loader import load_model
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
     target = safe_output_path(out_dir, args.name)  # refuse a bad name before any work
@@ -67,21 +67,16 @@ def _train(args, folder: Path, out_dir: Path) -> int:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
-    family = args.model.removeprefix("tiny-")
-    if args.model not in ("tiny-sdxl", "tiny-sd15"):
-        raise SystemExit(f"--model {args.model!r}: this build trains the tiny built-in models "
-                         "(tiny-sdxl, tiny-sd15); use ComfyUI's TrainAdaptiveLoRA node for real "
-                         "checkpoints")
-    unet, text, vae = build_tiny(family, seed=0)
-    examples = encode_examples([i.pixels for i in data.images], [i.caption for i in data.images],
-                               vae, text, family)
+    model = load_model(args.model)
+    examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
     print(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
           f"(model {args.model}, preset {args.preset})")
     bar, on_step = _progress(train_cfg.steps)
     t0 = time.perf_counter()
     try:
-        out = train_unet(unet, examples, adapter_cfg, train_cfg, out_dir, args.name, export,
-                         callbacks=Callbacks(on_step=on_step), resume=args.resume)
+        out = train_unet(model.unet, examples, adapter_cfg, train_cfg, out_dir, args.name,
+                         export, model.schedule, Callbacks(on_step=on_step), args.resume,
+                         model.layout, model.predict)
     except TrainingInterrupted as exc:
         bar.close()
         print(f"\n{exc}. Resume with: --resume {exc.checkpoint}", file=sys.stderr)
@@ -143,7 +138,8 @@ def cmd_pad(args) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
-    p.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl (default) or tiny-sd15")
+    p.add_argument("--model", default="tiny-sdxl",
+                   help="tiny-sdxl (default), tiny-sd15, or a diffusers SD1.x/SDXL folder")
     p.add_argument("--token", default="sks", help="instance token (DreamBooth)")
     p.add_argument("--class-noun", default=None, help="class noun, e.g. dog")
     p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS))

@@ -75,12 +75,13 @@ def train_unet(unet: nn.Module, examples: list[dict], adapter_cfg: AdapterConfig
                train_cfg: TrainConfig, out_dir: str | os.PathLike, name: str = "lora2",
                export: ExportConfig | None = None, schedule: Schedule | None = None,
                callbacks: Callbacks | None = None, resume: str | os.PathLike | None = None,
-               layout: UNetLayout | None = None) -> RunOutputs:
+               layout: UNetLayout | None = None, predict=None) -> RunOutputs:
     """Train adaptive adapters on ``unet`` and write adapter, reports and plots to ``out_dir``.
 
     Nothing existing is overwritten unless ``export.overwrite``; a checkpoint
     ``<name>.state.safetensors`` is kept on cancel, on a non-finite loss and every
-    ``checkpoint_every`` steps, and removed after a successful export.
+    ``checkpoint_every`` steps, and removed after a successful export. ``predict`` defaults
+    to :func:`ldm_predict` (tiny and ComfyUI-layout UNets); diffusers UNets bring their own.
     """
     export = export or ExportConfig()
     out = Path(out_dir)
@@ -95,7 +96,8 @@ def train_unet(unet: nn.Module, examples: list[dict], adapter_cfg: AdapterConfig
     adapters: Adapters = attach(unet, adapter_cfg, seed=train_cfg.seed)
     entropy = EntropyCapture(unet)
     try:
-        trainer = Trainer(adapters, diffusion_loss(ldm_predict(unet), schedule or Schedule()),
+        predict = predict or ldm_predict(unet)
+        trainer = Trainer(adapters, diffusion_loss(predict, schedule or Schedule()),
                           examples, train_cfg, entropy=entropy, checkpoint_path=paths.checkpoint,
                           callbacks=callbacks)
         if resume:

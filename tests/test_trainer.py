@@ -105,3 +105,10 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
 def test_empty_dataset_is_refused():
     with pytest.raises(ValueError, match="dataset is empty"):
         _trainer([], steps=1)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_adapters():
+    tr = _trainer(_task(), steps=40, mixed_precision="bf16")
+    hist = tr.run()
+    assert all(p.dtype == torch.float32 for p in tr.adapters.factor_parameters())
+    assert sum(h["task"] for h in hist[-5:]) < sum(h["task"] for h in hist[:5])

@@ -117,16 +117,21 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False)
 
 
 def _peft_config(lora: LoraFile) -> dict[str, Any]:
-    """PEFT's view: one ``r`` plus ``rank_pattern``/``alpha_pattern`` so every scale is 1."""
+    """diffusers' ``lora_adapter_metadata``: a PEFT LoraConfig packed under the ``unet.`` prefix.
+
+    One ``r`` (the most common rank) plus ``rank_pattern``/``alpha_pattern`` for the rest, with
+    alpha = rank everywhere, so every module gets scale 1 (diffusers uses this config as given).
+    """
+    from collections import Counter
+
     names = {k.removeprefix("unet."): w for k, w in lora.modules.items()}
-    first = next(iter(names.values()))
-    r0 = first.rank
-    return {"r": r0, "lora_alpha": first.alpha if first.alpha is not None else r0,
-            "target_modules": sorted({n.rsplit(".", 2)[-1] if n.endswith(".0") else
-                                      n.rsplit(".", 1)[-1] for n in names}),
-            "rank_pattern": {n: w.rank for n, w in names.items()},
-            "alpha_pattern": {n: (w.alpha if w.alpha is not None else w.rank)
-                              for n, w in names.items()}}
+    r0 = Counter(w.rank for w in names.values()).most_common(1)[0][0]
+    cfg = {"r": r0, "lora_alpha": r0,
+           "target_modules": sorted(names),
+           "rank_pattern": {n: w.rank for n, w in names.items() if w.rank != r0},
+           "alpha_pattern": {n: w.rank * w.scale for n, w in names.items()
+                             if w.rank * w.scale != r0}}
+    return {f"unet.{k}": v for k, v in cfg.items()}
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
@@ -173,14 +178,17 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
 
 
 def _apply_peft_alphas(modules: dict[str, ModuleWeights], meta: dict[str, str], path) -> None:
-    cfg = parse_json_metadata(meta, "lora_adapter_metadata", path)
-    if not isinstance(cfg, dict):
+    """Alphas from diffusers' packed PEFT config (``unet.r``, ``unet.alpha_pattern``, …)."""
+    raw = parse_json_metadata(meta, "lora_adapter_metadata", path)
+    if not isinstance(raw, dict):
         return
-    pattern = cfg.get("alpha_pattern") or {}
+    cfg = {k.removeprefix("unet."): v for k, v in raw.items()}
+    alphas, ranks = cfg.get("alpha_pattern") or {}, cfg.get("rank_pattern") or {}
     for prefix, w in modules.items():
-        if w.alpha is None:
+        if w.alpha is None:  # PEFT: scale = alpha_pattern.get(m, lora_alpha) / rank_pattern...
             name = prefix.removeprefix("unet.")
-            w.alpha = float(pattern.get(name, cfg.get("lora_alpha", w.rank)))
+            alpha = alphas.get(name, cfg.get("lora_alpha", w.rank))
+            w.alpha = float(alpha) * w.rank / float(ranks.get(name, cfg.get("r", w.rank)))
 
 
 def export_adapters(adapters, path: str | os.PathLike, export=None,
