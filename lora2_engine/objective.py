@@ -30,6 +30,26 @@ def rank_penalty(adapters: Adapters, nu: torch.Tensor | None = None) -> torch.Te
     return (nu - nu_for_rank(c.r_target, c.q)).abs().sum()
 
 
+class _SoftmaxEntropy(torch.autograd.Function):
+    """Mean over rows of ``H(softmax(s))``, one autograd node instead of six.
+
+    ``dH/ds = -p (log p + H)`` row-wise; saving ``p`` and ``log p`` is all the backward needs.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores, dim=-1)
+        p = logp.exp()
+        h = -(p * logp).sum(-1, keepdim=True)  # (..., 1)
+        ctx.save_for_backward(p, logp, h)
+        return h.mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        p, logp, h = ctx.saved_tensors
+        return -p * (logp + h) * (grad / h.numel())
+
+
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """Mean entropy of ``softmax(q k^T / sqrt d)`` over the keys (Eq. 14), in fp32.
 
@@ -37,10 +57,10 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Ten
     """
     b, nq, inner = q.shape
     d = inner // heads
-    qh = q.float().reshape(b, nq, heads, d).transpose(1, 2)  # (B, heads, Nq, d)
-    kh = k.float().reshape(b, k.shape[1], heads, d).transpose(1, 2)  # (B, heads, Nk, d)
-    logp = torch.log_softmax(qh @ kh.transpose(-1, -2) * d**-0.5, dim=-1)  # (B, heads, Nq, Nk)
-    return -(logp.exp() * logp).sum(-1).mean()
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 → fp32; fp64 stays
+    qh = (q.to(dtype) * d**-0.5).reshape(b, nq, heads, d).transpose(1, 2)  # (B, heads, Nq, d)
+    kh = k.to(dtype).reshape(b, k.shape[1], heads, d).permute(0, 2, 3, 1)  # (B, heads, d, Nk)
+    return _SoftmaxEntropy.apply(qh @ kh)  # scores (B, heads, Nq, Nk)
 
 
 class EntropyCapture:

@@ -84,3 +84,10 @@ def test_rank_penalty_is_sum_abs_nu_minus_target(attn_net):
 def test_mse_target_is_fp32():
     a, b = torch.randn(3, 4).half(), torch.randn(3, 4).half()
     assert mse_target(a, b).dtype == torch.float32
+
+
+def test_entropy_gradient_matches_autograd_of_the_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: attention_entropy(a, b, 2), (q, k))
