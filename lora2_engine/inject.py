@@ -104,7 +104,8 @@ class Adapters:
         changed = {}
         names = [n for n, la in self.layers.items() if isinstance(la, AdaptiveLoRALayer)]
         for name, layer, d in zip(names, layers, targets):
-            r = layer.resize(d, generator, c.random_new_b)
+            # a rank above min(m, n) adds bytes, not expressiveness
+            r = layer.resize(min(d, layer.m, layer.n), generator, c.random_new_b)
             if r is not None:
                 changed[name] = r
         return changed

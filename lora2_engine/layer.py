@@ -142,7 +142,8 @@ class AdaptiveLoRALayer(LoRALayer):
         self.r_max = config.r_max
         self.cached_scale: torch.Tensor | None = None  # set per step by Adapters.cache_scales
         self.floor = nu_floor(config.r_max, config.q)
-        super().__init__(base, config.init_rank, alpha=None, generator=generator)
+        n, m = _in_out(base)
+        super().__init__(base, min(config.init_rank, m, n), alpha=None, generator=generator)
 
     def _init_rank_params(self) -> None:
         # nu starts at the initial rank (nu_init); the init std of A depends on it.

@@ -37,14 +37,14 @@ class Schedule:
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
         if self.prediction == "flow":
-            s = torch.rand(b, generator=generator).to(x0)
+            s = torch.rand(b, generator=generator).to(x0)  # device and dtype of the latents
             sv = s.view(-1, *[1] * (x0.dim() - 1))
             return (1 - sv) * x0 + sv * noise, s * self.num_timesteps, noise - x0
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator)
         ac = self.alphas_cumprod[t].to(x0).view(-1, *[1] * (x0.dim() - 1))
         x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         target = noise if self.prediction == "eps" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
-        return x_t, t.to(x0.dtype), target
+        return x_t, t.to(device=x0.device, dtype=x0.dtype), target
 
 
 Predict = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]

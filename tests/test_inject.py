@@ -62,3 +62,12 @@ def test_cached_scales_match_each_layers_own_and_carry_gradient(attn_net):
     assert all(layer.nu_param.grad is not None for layer in ad.layers.values())
     ad.clear_scales()
     assert all(layer.cached_scale is None for layer in ad.layers.values())
+
+
+def test_rank_never_exceeds_the_layers_smaller_side():
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    ad = attach(net, AdapterConfig(targets=("0",), r_target=1, init_rank=8, r_max=64))
+    assert ad.ranks() == {"0": 4}
+    ad.layers["0"].nu_param.data.fill_(-20.0)  # nu at its floor: D(nu) = r_max
+    ad.update_ranks()
+    assert ad.ranks() == {"0": 4}

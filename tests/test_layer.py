@@ -63,7 +63,7 @@ def test_capacity_grows_geometrically_not_to_r_max():
 def test_init_std_follows_rule(init):
     torch.manual_seed(0)
     cfg = AdapterConfig(r_target=2, init_rank=64, r_max=512, init=init)
-    layer = AdaptiveLoRALayer(torch.nn.Linear(400, 8), cfg, torch.Generator().manual_seed(0))
+    layer = AdaptiveLoRALayer(torch.nn.Linear(400, 96), cfg, torch.Generator().manual_seed(0))
     f = slot_weights(layer.nu.detach(), 64)
     want = (2 / 400) ** 0.5 / float(f.max()) if init == "kaiming" else (
         2**0.5 / float(f.pow(2).sum().sqrt()))

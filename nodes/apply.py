@@ -1,0 +1,52 @@
+"""ApplyAdaptiveLoRA: MODEL (+ CLIP) + ADAPTIVE_LORA or a LoRA file → patched MODEL.
+
+Goes through ComfyUI's own LoRA loader (key map, ``load_lora``, ``clone().add_patches``), so the
+weights are exactly what the stock LoraLoader gives and sampling costs nothing extra.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import bridge
+from .types import ADAPTIVE_LORA, CATEGORY, NONE, lora_choice, show
+
+
+def load_choice(adaptive_lora, lora_name: str):
+    """The linked ADAPTIVE_LORA, else the chosen file: (state dict, label)."""
+    if adaptive_lora is not None:
+        return adaptive_lora.state_dict(), adaptive_lora.name
+    if not lora_name or lora_name == NONE:
+        raise ValueError("link an adaptive_lora or choose a lora_name")
+    return bridge.load_lora_tensors(bridge.lora_file(lora_name)), lora_name
+
+
+class ApplyAdaptiveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRA2_ApplyAdaptiveLoRA", display_name="Apply Adaptive LoRA (LoRA²)",
+            category=CATEGORY,
+            description="Patches the model (and CLIP) with a LoRA² adapter the way LoraLoader "
+                        "does; every module keeps its own rank.",
+            inputs=[io.Model.Input("model"),
+                    io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0,
+                                   step=0.01),
+                    ADAPTIVE_LORA.Input("adaptive_lora", optional=True),
+                    lora_choice(),
+                    io.Clip.Input("clip", optional=True),
+                    io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0,
+                                   step=0.01, optional=True)],
+            outputs=[io.Model.Output(display_name="model"),
+                     io.Clip.Output(display_name="clip")])
+
+    @classmethod
+    def execute(cls, model, strength_model, adaptive_lora=None, lora_name=NONE, clip=None,
+                strength_clip=1.0) -> io.NodeOutput:
+        state_dict, label = load_choice(adaptive_lora, lora_name)
+        new_model, new_clip, modules, unmatched = bridge.apply_lora(
+            model, clip, state_dict, strength_model, strength_clip)
+        text = f"{label}: {len(modules) - len(unmatched)} of {len(modules)} modules applied"
+        if unmatched:
+            text += f"; {len(unmatched)} not matched by this model, e.g. {unmatched[0]}"
+        return io.NodeOutput(new_model, new_clip, ui=show(cls, text))

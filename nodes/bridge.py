@@ -1,0 +1,201 @@
+"""The only module that knows ComfyUI's internals: ``comfy.*`` and ``folder_paths``.
+
+MODEL → module + noise schedule + conditioning, CLIP/VAE encoding, progress and cancel,
+folders, and LoRA patches through ComfyUI's own loader. Checked against ComfyUI 0.3.54 and
+0.28.0 (see docs/comfyui-notes.md); everything else in the pack goes through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+
+from ..lora2_engine.formats.keys import UNetLayout
+from .core import Subject, match_peft_names, to_image_batch
+
+log = logging.getLogger("LoRA2")
+InterruptProcessingException = mm.InterruptProcessingException
+CHECKPOINT_FOLDER = "lora2_checkpoints"
+
+
+# ------------------------------------------------------------------ folders
+def input_folder(folder: str) -> Path:
+    """An absolute folder, or one relative to ComfyUI's input directory."""
+    path = Path(folder.strip()).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+def loras_folder() -> Path:
+    """The first ``loras`` folder (``models/loras`` unless extra_model_paths says otherwise)."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def lora_names() -> list[str]:
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def lora_file(name: str) -> Path:
+    return Path(folder_paths.get_full_path_or_raise("loras", name))
+
+
+def checkpoint_folder() -> Path:
+    return Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER
+
+
+def temp_folder() -> Path:
+    path = Path(folder_paths.get_temp_directory())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------ the model
+@dataclass
+class TrainingModel:
+    """What training needs from a MODEL: the module, the schedule, a denoiser and names."""
+
+    module: torch.nn.Module  # the UNet / DiT (``BaseModel.diffusion_model``)
+    model_sampling: object
+    apply_model: Callable[..., torch.Tensor]  # (x_t, sigma, **conds) -> denoised
+    device: torch.device
+    layout: UNetLayout
+    rgb_factors: tuple | None  # latent → RGB preview projection, if the format has one
+
+
+def layout_of(base_model) -> UNetLayout:
+    """Key-naming layout from ComfyUI's detected model config (SD1.x, SDXL family, other)."""
+    names = {c.__name__ for c in type(base_model.model_config).__mro__}
+    family = "sdxl" if "SDXL" in names else "sd15" if "SD15" in names else "other"
+    cfg = base_model.model_config.unet_config
+    nrb = cfg.get("num_res_blocks") or ()
+    nrb = tuple(nrb) if isinstance(nrb, (list, tuple)) else (nrb,) * len(cfg["channel_mult"])
+    return UNetLayout(family, nrb, cfg.get("transformer_depth_middle", 0) != -2)
+
+
+def load_for_training(model) -> TrainingModel:
+    """Load the MODEL fully onto the compute device (applying its pending patches)."""
+    mm.load_models_gpu([model], force_full_load=True)
+    base = model.model
+    fmt = base.latent_format
+    factors = getattr(fmt, "latent_rgb_factors", None)
+    rgb = (factors, getattr(fmt, "latent_rgb_factors_bias", None)) if factors else None
+    return TrainingModel(base.diffusion_model, base.model_sampling, base.apply_model,
+                         mm.get_torch_device(), layout_of(base), rgb)
+
+
+@torch.no_grad()
+def encode_subject(model, clip, vae, subject: Subject) -> list[dict]:
+    """Each image → processed latents; each caption → the model's own conditioning tensors.
+
+    ``BaseModel.extra_conds`` builds exactly what the samplers pass to ``apply_model``
+    (``c_crossattn``, SDXL's ``y`` from pooled text and the image size, ``c_concat``...).
+    Run before the UNet is loaded: CLIP and VAE may need the memory.
+    """
+    base = model.model
+    examples, captions = [], {}
+    for pixels, caption in zip(subject.pixels, subject.captions):
+        if caption not in captions:
+            captions[caption] = clip.encode_from_tokens(clip.tokenize(caption),
+                                                        return_pooled=True, return_dict=True)
+        enc = dict(captions[caption])
+        image = pixels.permute(1, 2, 0)[None]  # (1, H, W, 3)
+        latent = base.process_latent_in(vae.encode(image).float().cpu())
+        conds = base.extra_conds(cross_attn=enc.pop("cond"), **enc, device="cpu",
+                                 width=image.shape[2], height=image.shape[1], noise=latent,
+                                 latent_image=latent, seed=0)
+        ex = {"latents": latent[0]}
+        for key, cond in conds.items():
+            value = getattr(cond, "cond", None)
+            if torch.is_tensor(value):
+                ex[key] = value[0].detach().clone().cpu()
+        examples.append(ex)
+    return examples
+
+
+def to_device(examples: list[dict], device) -> list[dict]:
+    """Fresh (non-inference) copies on the training device: autograd may save them."""
+    return [{k: v.detach().clone().to(device) for k, v in ex.items()} for ex in examples]
+
+
+def latent_preview(latent: torch.Tensor, rgb_factors) -> torch.Tensor | None:
+    """Latents → IMAGE via the format's linear RGB projection (no VAE: safe mid-training)."""
+    if rgb_factors is None:
+        return None
+    factors, bias = rgb_factors
+    f = torch.tensor(factors, dtype=torch.float32)
+    img = latent.float().cpu().movedim(1, -1) @ f  # (B, h, w, 3)
+    if bias is not None:
+        img = img + torch.tensor(bias, dtype=torch.float32)
+    img = ((img + 1) / 2).clamp(0, 1).movedim(-1, 1)
+    return to_image_batch([torch.nn.functional.interpolate(img, scale_factor=8)[i]
+                           for i in range(img.shape[0])])
+
+
+# ------------------------------------------------------------------ progress and cancel
+class Progress:
+    """ComfyUI's progress bar; remembers a cancel instead of raising in the middle of a step."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = comfy.utils.ProgressBar(total)
+        self.cancelled = False
+
+    def update(self, value: int, preview: torch.Tensor | None = None) -> None:
+        pil = None
+        if preview is not None:
+            from PIL import Image
+
+            arr = (preview[0].clamp(0, 1).numpy() * 255).round().astype("uint8")
+            pil = ("JPEG", Image.fromarray(arr), 512)
+        try:
+            self.bar.update_absolute(value, preview=pil)
+        except InterruptProcessingException:
+            self.cancelled = True
+
+    def should_stop(self) -> bool:
+        return self.cancelled or mm.processing_interrupted()
+
+
+def interrupted() -> BaseException:
+    """The exception ComfyUI treats as a user cancel (not an error)."""
+    mm.interrupt_current_processing(False)
+    return InterruptProcessingException()
+
+
+# ------------------------------------------------------------------ LoRA patches
+def lora_key_map(model, clip) -> dict:
+    key_map: dict = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+def apply_lora(model, clip, state_dict: dict, strength_model: float, strength_clip: float):
+    """Patch through ComfyUI's own loader (what LoraLoader does): clones, never mutates.
+
+    diffusers/PEFT names, which stock ComfyUI does not map, are renamed to ones it does.
+
+    Returns the new MODEL, the new CLIP (or None), the LoRA's module keys and those of them
+    that nothing in this model matched (stock ComfyUI logs those as "lora key not loaded").
+    """
+    key_map = lora_key_map(model, clip)
+    state_dict = match_peft_names(state_dict, key_map)
+    modules = sorted({k.split(".lora_", 1)[0] for k in state_dict if ".lora_" in k})
+    unmatched = [m for m in modules if m not in key_map]
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, state_dict,
+                                                        strength_model, strength_clip)
+    return new_model, new_clip, modules, unmatched
+
+
+def load_lora_tensors(path: str | Path) -> dict:
+    """A LoRA file read the way LoraLoader reads it."""
+    return comfy.utils.load_torch_file(str(path), safe_load=True)

@@ -1,0 +1,414 @@
+"""ComfyUI-free glue between the nodes and ``lora2_engine``: plain torch, tested without ComfyUI.
+
+The node modules translate ComfyUI values, ``bridge.py`` reaches into ComfyUI, and everything
+here works on tensors, engine objects and duck-typed callables (a ``model_sampling`` object, an
+``apply_model`` function), so it can be unit-tested with stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+
+from ..lora2_engine.config import ConfigError, preset
+from ..lora2_engine.formats.lora_file import LoraFile
+
+SAFE_NAME = re.compile(r"^[\w\-. ]+$")
+
+
+# ------------------------------------------------------------------ values between nodes
+@dataclass
+class Subject:
+    """Training images (3, H, W) in [0, 1] with one caption each (the SUBJECT socket)."""
+
+    pixels: list[torch.Tensor]
+    captions: list[str]
+    names: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.pixels or not (len(self.pixels) == len(self.captions) == len(self.names)):
+            raise ValueError("a subject needs at least one image and one caption per image")
+
+    def summary(self) -> str:
+        sizes = sorted({f"{p.shape[2]}x{p.shape[1]}" for p in self.pixels})
+        lines = [f"{len(self.pixels)} images ({', '.join(sizes)})"]
+        lines += [f"{n}: {c}" for n, c in zip(self.names, self.captions)]
+        return "\n".join(lines + self.warnings)
+
+
+@dataclass
+class AdaptiveLora:
+    """A trained or loaded adaptive LoRA in memory (the ADAPTIVE_LORA socket)."""
+
+    lora: LoraFile
+    name: str
+    path: Path | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of the file this LoRA is (or would be), keyed as the file keys them."""
+        return lora_state_dict(self.lora)
+
+
+def lora_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """Key → tensor as ``write_lora`` stores them, so stock loaders see the same thing.
+
+    One addition: diffusers-style files keep alpha in metadata (``alpha_pattern``), which
+    ComfyUI ignores; here every module gets its ``.alpha`` key, which ComfyUI reads for any
+    naming, so the scale ``alpha / rank`` is the one diffusers would use.
+    """
+    if lora.style == "diffusers":
+        down, up = ".lora_A.weight", ".lora_B.weight"
+    else:
+        down, up = ".lora_down.weight", ".lora_up.weight"
+    out = dict(lora.extra)
+    for prefix, w in lora.modules.items():
+        out[prefix + down] = w.down
+        out[prefix + up] = w.up
+        if w.alpha is not None:
+            out[prefix + ".alpha"] = torch.tensor(float(w.alpha))
+    return out
+
+
+def subject_from_folder(folder: str | Path, prompt: str, resolution: int, mode: str) -> Subject:
+    """Every readable image of ``folder`` (kohya ``name.txt`` captions override ``prompt``)."""
+    from ..lora2_engine.data import SubjectDataError, load_subject
+
+    try:
+        data = load_subject(folder, prompt, resolution, mode)
+    except SubjectDataError as exc:
+        raise ValueError(str(exc)) from None
+    return Subject([im.pixels for im in data.images], [im.caption for im in data.images],
+                   [im.path.name if im.path else f"image {i}" for i, im in
+                    enumerate(data.images)], data.warnings())
+
+
+def subject_from_images(images: torch.Tensor, prompt: str, resolution: int,
+                        mode: str) -> Subject:
+    """An IMAGE batch (B, H, W, C) resized exactly as files are; one caption for all."""
+    import numpy as np
+    from PIL import Image
+
+    from ..lora2_engine.data import resize_bucket, resize_center_crop
+
+    resize = resize_bucket if mode == "bucket" else resize_center_crop
+    pixels = []
+    for img in images:
+        arr = (img[..., :3].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+        out = resize(Image.fromarray(arr, "RGB"), resolution)
+        pixels.append(torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0)
+                      .permute(2, 0, 1).contiguous())
+    return Subject(pixels, [prompt] * len(pixels), [f"image {i}" for i in range(len(pixels))])
+
+
+def match_peft_names(state_dict: dict, known) -> dict:
+    """Rename diffusers/PEFT module keys (``unet.….attn1.to_k.lora_A.weight``, ``….alpha``)
+    to the attention-processor names ComfyUI's key map knows (``unet.….attn1.processor.to_k``),
+    where the plain name is unknown and the processor name is known; other keys are unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".alpha"):
+            prefix, tail = key[: -len(".alpha")], ".alpha"
+        else:
+            prefix, sep, rest = key.partition(".lora_")
+            tail = sep + rest
+        if tail and prefix not in known:
+            alt = prefix.replace(".to_", ".processor.to_")
+            alt = alt[:-2] if alt.endswith(".to_out.0") else alt
+            key = alt + tail if alt in known else key
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------ options and file names
+def build_configs(preset_name: str, options: dict):
+    """``preset(preset_name)`` with the node options that are set (``None`` means preset)."""
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if "targets" in overrides:
+        overrides["targets"] = tuple(t.strip() for t in overrides["targets"].split(",")
+                                     if t.strip())
+    try:
+        return preset(preset_name, **overrides)
+    except ConfigError as exc:
+        raise ValueError(f"LoRA² settings: {exc}") from None
+
+
+def unset_if(value, sentinel):
+    """Widgets cannot be empty: a sentinel value (0 or -1) means 'use the preset's value'."""
+    return None if value == sentinel else value
+
+
+def safe_relative_name(name: str, suffix: str = ".safetensors") -> PurePosixPath:
+    """A file name confined to one folder: no absolute path, no ``..``, no odd characters."""
+    name = name.strip().replace("\\", "/")
+    if not name:
+        raise ValueError("the file name is empty: type a name such as 'lora2/my_subject'")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or PureWindowsPath(name).drive or name.startswith("~"):
+        raise ValueError(f"file name {name!r} is absolute: give a name relative to the loras "
+                         "folder, e.g. 'lora2/my_subject'")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"file name {name!r} leaves the loras folder ('..' or '.'): "
+                         "use a plain name such as 'lora2/my_subject'")
+    bad = [part for part in pure.parts if not SAFE_NAME.match(part)]
+    if bad:
+        raise ValueError(f"file name {name!r}: {bad[0]!r} has characters other than letters, "
+                         "digits, space, '-', '_' and '.'")
+    if not pure.name.lower().endswith(suffix):
+        pure = pure.with_name(pure.name + suffix)
+    return pure
+
+
+def free_path(folder: str | Path, name: str, suffix: str = ".safetensors") -> Path:
+    """``folder/name<suffix>``, or ``name_2``, ``name_3``... when taken: never overwrite."""
+    rel = safe_relative_name(name, suffix)
+    folder = Path(folder).resolve()
+    path = (folder / rel).resolve()
+    if folder not in path.parents:
+        raise ValueError(f"file name {name!r} resolves outside {folder}")
+    base, k = path.name[: -len(suffix)], 2
+    while path.exists():
+        path = path.with_name(f"{base}_{k}{suffix}")
+        k += 1
+    return path
+
+
+# ------------------------------------------------------------------ training examples
+def lcm_tokens(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Repeat (T, D) contexts to a common length (ComfyUI's rule for long prompts in a batch)."""
+    lengths = {c.shape[0] for c in contexts}
+    if len(lengths) == 1:
+        return list(contexts)
+    common = math.lcm(*lengths)
+    return [c.repeat(common // c.shape[0], 1) for c in contexts]
+
+
+def stackable(examples: list[dict], batch_size: int) -> list[dict]:
+    """Make examples collatable: equal token counts; equal image sizes when batched."""
+    if "c_crossattn" in examples[0]:
+        for ex, ctx in zip(examples, lcm_tokens([e["c_crossattn"] for e in examples])):
+            ex["c_crossattn"] = ctx
+    shapes = {tuple(e["latents"].shape) for e in examples}
+    if batch_size > 1 and len(shapes) > 1:
+        raise ValueError(f"batch_size={batch_size} needs images of one size, got {len(shapes)} "
+                         "sizes (bucket mode): use batch_size 1 with grad_accum instead, or crop")
+    return examples
+
+
+# ------------------------------------------------------------------ the denoising loss
+def output_scale(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``d denoised / d model_output`` per sample (every ComfyUI parameterisation is affine)."""
+    shape = (sigma.shape[0],) + (1,) * (like.ndim - 1)
+    one = torch.ones(shape, dtype=like.dtype, device=like.device)
+    zero = torch.zeros_like(one)
+    return (model_sampling.calculate_denoised(sigma, one, zero)
+            - model_sampling.calculate_denoised(sigma, zero, zero))
+
+
+def sample_sigmas(model_sampling, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` noise levels uniform in the model's own timestep schedule (``percent_to_sigma``)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    sig = [float(model_sampling.percent_to_sigma(float(p))) for p in u]
+    lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    return torch.tensor(sig, dtype=torch.float32).clamp(lo, hi)
+
+
+def denoising_loss(apply_model: Callable[..., torch.Tensor], model_sampling):
+    """MSE between the model's raw output and its own target (eps, v, flow velocity, x0...).
+
+    ``apply_model(x_t, sigma, **conds)`` returns ComfyUI's *denoised* estimate, which is affine
+    in the raw output with slope ``output_scale``; dividing the x0 error by that slope gives
+    exactly ``output - target`` for any prediction type (method.md §2, Eq. 11), so one loss
+    serves every model family ComfyUI loads.
+    """
+    from ..lora2_engine.objective import mse_target
+
+    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["latents"]
+        sigma = sample_sigmas(model_sampling, x0.shape[0], generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+        x_t = model_sampling.noise_scaling(sigma, noise, x0)
+        conds = {k: v for k, v in batch.items() if k != "latents" and torch.is_tensor(v)}
+        denoised = apply_model(x_t, sigma, **conds).float()
+        err = (denoised - x0.float()) / output_scale(model_sampling, sigma, denoised)
+        return mse_target(err, torch.zeros_like(err))
+
+    return loss
+
+
+@torch.no_grad()
+def euler_sample(apply_model: Callable[..., torch.Tensor], model_sampling, conds: dict,
+                 shape: tuple[int, ...], steps: int, seed: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """A few Euler steps from pure noise (training previews; cfg 1, no negative prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=g).to(device)
+    hi = float(model_sampling.sigma_max)
+    sig = [min(float(model_sampling.percent_to_sigma(i / steps)), hi) for i in range(steps)]
+    sigmas = torch.tensor(sig + [0.0], dtype=torch.float32, device=device)
+    x = model_sampling.noise_scaling(sigmas[:1].expand(shape[0]), noise,
+                                     torch.zeros_like(noise), max_denoise=True)
+    for i in range(steps):
+        s = sigmas[i].expand(shape[0])
+        denoised = apply_model(x, s, **conds).float()
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+# ------------------------------------------------------------------ training run
+@dataclass
+class TrainResult:
+    lora: LoraFile
+    history: list[dict]
+    ranks: dict[str, int]
+
+
+def _is_inference(t: torch.Tensor) -> bool:
+    """True for inference tensors, including a Parameter created in inference mode whose
+    ``.data`` was later replaced (``module.to(device)``): it still has no version counter."""
+    if t.is_inference():
+        return True
+    try:
+        t._version  # noqa: B018
+    except RuntimeError:
+        return True
+    return False
+
+
+def release_inference_tensors(model: torch.nn.Module) -> int:
+    """Give every parameter/buffer created under ``torch.inference_mode`` a normal copy.
+
+    ComfyUI runs nodes in inference mode, so a MODEL loaded by an upstream node holds inference
+    tensors, which autograd refuses to save for backward even when frozen. The copies hold the
+    same values (one tensor at a time, so memory peaks by one tensor), the module tree is
+    untouched and later runs find nothing to do. Returns how many tensors were replaced.
+    """
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and _is_inference(p):
+                    module._parameters[name] = torch.nn.Parameter(p.clone(),
+                                                                  requires_grad=p.requires_grad)
+                    count += 1
+            for name, b in list(module._buffers.items()):
+                if b is not None and _is_inference(b):
+                    module._buffers[name] = b.clone()
+                    count += 1
+    return count
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[dict[str, int], float]:
+    mods = {n: id(m) for n, m in model.named_modules()}
+    total = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            total += float(p.detach().float().sum())
+    return mods, total
+
+
+def train_adapters(module: torch.nn.Module, examples: list[dict], loss_fn, adapter_cfg,
+                   train_cfg, export_cfg, layout, *, callbacks=None, checkpoint_path=None,
+                   resume: str | Path | None = None, out_file: Path,
+                   extra_metadata: dict | None = None, checkpointing: bool = False) -> TrainResult:
+    """Attach, train, export to ``out_file`` and read it back, detach; ``module`` ends unchanged.
+
+    The module tree and the sum of every weight are compared before and after; a difference
+    raises (it would mean the caller's MODEL was altered, which must never happen).
+    """
+    from ..lora2_engine.formats import export_adapters, read_lora
+    from ..lora2_engine.inject import attach
+    from ..lora2_engine.objective import EntropyCapture
+    from ..lora2_engine.trainer import Trainer
+
+    release_inference_tensors(module)
+    before = _fingerprint(module)
+    adapters = attach(module, adapter_cfg, seed=train_cfg.seed)
+    entropy = EntropyCapture(module)
+    try:
+        with checkpointed_blocks(module) if checkpointing else contextlib.nullcontext():
+            trainer = Trainer(adapters, loss_fn, examples, train_cfg, entropy=entropy,
+                              checkpoint_path=checkpoint_path, callbacks=callbacks)
+            if resume:
+                trainer.load_checkpoint(resume)
+            history = trainer.run()
+        export_adapters(adapters, out_file, export_cfg, layout, train_cfg, trainer.step,
+                        extra_metadata)
+        lora = read_lora(out_file)
+        ranks = adapters.ranks()
+    finally:
+        entropy.remove()
+        adapters.detach()
+    if _fingerprint(module) != before:
+        raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
+    return TrainResult(lora, history, ranks)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: torch.nn.Module):
+    """Gradient checkpointing for any UNet/DiT: each element of the outermost ModuleLists
+    (``input_blocks``, ``output_blocks``, a DiT's ``blocks``...) recomputes its activations in
+    the backward pass (non-reentrant, so kwargs and frozen inputs work). Undone on exit."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped: list[torch.nn.Module] = []
+
+    def wrap(block: torch.nn.Module) -> None:
+        if "forward" in vars(block):  # someone else's instance patch: leave it alone
+            return
+        plain = type(block).forward
+
+        def forward(*args, **kwargs):
+            return checkpoint(plain, block, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        wrapped.append(block)
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList):
+                for block in child:
+                    wrap(block)
+            else:
+                visit(child)
+
+    visit(model)
+    try:
+        yield wrapped
+    finally:
+        for block in wrapped:
+            del block.forward
+
+
+# ------------------------------------------------------------------ pictures
+def figure_to_image(fig) -> torch.Tensor:
+    """A matplotlib figure → ComfyUI IMAGE (1, H, W, 3) float in [0, 1]."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    buf.seek(0)
+    arr = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+def to_image_batch(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(3, H, W) images → one IMAGE batch; other sizes are letterboxed to the largest."""
+    h = max(p.shape[1] for p in pixels)
+    w = max(p.shape[2] for p in pixels)
+    out = torch.zeros(len(pixels), h, w, 3)
+    for i, p in enumerate(pixels):
+        top, left = (h - p.shape[1]) // 2, (w - p.shape[2]) // 2
+        out[i, top:top + p.shape[1], left:left + p.shape[2]] = p.permute(1, 2, 0)
+    return out

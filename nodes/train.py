@@ -1,0 +1,179 @@
+"""TrainAdaptiveLoRA: MODEL + CLIP + VAE + SUBJECT → ADAPTIVE_LORA (and a file in models/loras).
+
+The incoming MODEL is never changed: adapters are attached to its UNet for the run and
+detached in ``finally``, and ``core.train_adapters`` verifies the module tree and weights.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from ..lora2_engine.config import PRESETS, ExportConfig
+from ..lora2_engine.report import loss_figure
+from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
+from . import bridge, core
+from .types import ADAPTIVE_LORA, CATEGORY, SUBJECT, show
+
+PREVIEW_STEPS = 20
+STATE = ".state.safetensors"  # resumable training state, in output/lora2_checkpoints
+TARGETS = "to_q,to_k,to_v,to_out.0"
+# Styles whose keys stock ComfyUI maps for every UNet family. The engine's "diffusers" (PEFT)
+# names are not mapped by ComfyUI's LoRA loader (only the old attention-processor names are).
+COMFY_KEY_STYLES = ["kohya", "comfy"]
+
+
+def _inputs() -> list:
+    F, I = io.Float.Input, io.Int.Input  # noqa: E741
+    return [
+        io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+        SUBJECT.Input("subject"),
+        io.Combo.Input("preset", options=sorted(PRESETS), default="spread",
+                       tooltip="spread: ranks differ a lot (default); paper: the paper's SDXL "
+                               "settings"),
+        I("steps", default=500, min=1, max=100000),
+        F("learning_rate", default=0.0, min=0.0, max=1.0, step=0.00001, round=0.000001,
+          tooltip="0 = the preset's (spread 1e-4, paper 5e-5)"),
+        F("r_target", default=0.0, min=0.0, max=4096.0, step=0.5,
+          tooltip="rank the regulariser pulls toward; 0 = the preset's"),
+        I("seed", default=0, min=0, max=2**31 - 1),
+        io.String.Input("filename", default="lora2/subject",
+                        tooltip="saved as models/loras/<filename>.safetensors (never "
+                                "overwritten: _2, _3... are added); empty = keep in memory"),
+        I("init_rank", default=0, min=0, max=4096, optional=True, tooltip="0 = preset's"),
+        I("r_max", default=0, min=0, max=4096, optional=True, tooltip="0 = preset's"),
+        F("lambda_r", default=-1.0, min=-1.0, max=1.0, step=0.00001, round=0.000001,
+          optional=True, tooltip="rank regulariser weight; -1 = preset's"),
+        F("lambda_e", default=-1.0, min=-1.0, max=1.0, step=0.00001, round=0.000001,
+          optional=True, tooltip="cross-attention entropy weight; -1 = preset's"),
+        F("nu_lr", default=0.0, min=0.0, max=1.0, step=0.0001, round=0.000001, optional=True,
+          tooltip="learning rate of the rank parameters; 0 = preset's"),
+        I("batch_size", default=1, min=1, max=64, optional=True),
+        I("grad_accum", default=1, min=1, max=256, optional=True),
+        io.String.Input("targets", default=TARGETS, optional=True,
+                        tooltip="comma-separated module name suffixes to adapt"),
+        io.Combo.Input("key_style", options=COMFY_KEY_STYLES, default="kohya", optional=True,
+                       tooltip="kohya: loads in ComfyUI, A1111/Forge, kohya; comfy: ComfyUI's "
+                               "own names"),
+        io.Combo.Input("save_dtype", options=["float32", "float16", "bfloat16"],
+                       default="float32", optional=True),
+        io.Boolean.Input("gradient_checkpointing", default=False, optional=True),
+        I("checkpoint_every", default=0, min=0, max=100000, optional=True,
+          tooltip="save a resumable state every N steps (0 = only on cancel)"),
+        I("preview_every", default=0, min=0, max=100000, optional=True,
+          tooltip="sample a preview every N steps (0 = off)"),
+        io.String.Input("resume", default="", optional=True,
+                        tooltip="a .state.safetensors in output/lora2_checkpoints to continue"),
+    ]
+
+
+class TrainAdaptiveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRA2_TrainAdaptiveLoRA", display_name="Train Adaptive LoRA (LoRA²)",
+            category=CATEGORY, is_output_node=True, inputs=_inputs(),
+            description="Trains a LoRA² adapter on the subject: every attention projection "
+                        "learns its own rank. Cancel keeps a resumable state.",
+            outputs=[ADAPTIVE_LORA.Output(display_name="adaptive_lora"),
+                     io.Image.Output(display_name="loss_curve"),
+                     io.Image.Output(display_name="previews")])
+
+    @classmethod
+    def execute(cls, model, clip, vae, subject, preset, steps, learning_rate, r_target, seed,
+                filename, init_rank=0, r_max=0, lambda_r=-1.0, lambda_e=-1.0, nu_lr=0.0,
+                batch_size=1, grad_accum=1, targets=TARGETS, key_style="kohya",
+                save_dtype="float32", gradient_checkpointing=False, checkpoint_every=0,
+                preview_every=0, resume="") -> io.NodeOutput:
+        u = core.unset_if
+        adapter_cfg, train_cfg = core.build_configs(preset, dict(
+            steps=steps, seed=seed, lr=u(learning_rate, 0), r_target=u(r_target, 0),
+            init_rank=u(init_rank, 0), r_max=u(r_max, 0), lambda_r=u(lambda_r, -1),
+            lambda_e=u(lambda_e, -1), nu_lr=u(nu_lr, 0), batch_size=batch_size,
+            grad_accum=grad_accum, targets=targets, checkpoint_every=checkpoint_every))
+        export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
+        out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
+        examples = core.stackable(bridge.encode_subject(model, clip, vae, subject), batch_size)
+        t0 = time.perf_counter()
+        result, previews = _train(model, examples, adapter_cfg, train_cfg, export_cfg, out,
+                                  gradient_checkpointing, preview_every, resume)
+        name = out.stem if out else "in-memory"
+        lora = core.AdaptiveLora(result.lora, name, out, result.history)
+        curve = core.figure_to_image(loss_figure(result.history, f"{name}: loss"))
+        ranks = list(result.ranks.values())
+        text = (f"{'saved ' + str(out) if out else 'not saved (no filename)'}\n"
+                f"{len(ranks)} modules, ranks {min(ranks)}..{max(ranks)} "
+                f"(mean {sum(ranks) / len(ranks):.1f}), {train_cfg.steps} steps in "
+                f"{time.perf_counter() - t0:.1f} s")
+        return io.NodeOutput(lora, curve, previews if previews is not None else curve,
+                             ui=show(cls, text, curve))
+
+
+def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None,
+           checkpointing: bool, preview_every: int, resume: str):
+    """Run the engine's trainer on the MODEL's UNet with ComfyUI's schedule and progress."""
+    stem = out.stem if out else f"lora2_{uuid.uuid4().hex[:8]}"
+    resume_path = _resume_path(resume)
+    state = bridge.checkpoint_folder() / f"{stem}{STATE}"
+    if resume_path is None or state.resolve() != resume_path.resolve():
+        state = core.free_path(bridge.checkpoint_folder(), stem, STATE)  # keep older states
+    file = out or bridge.temp_folder() / f"{stem}.safetensors"
+    progress, previews = bridge.Progress(train_cfg.steps), []
+    with torch.inference_mode(False):
+        target = bridge.load_for_training(model)
+        data = bridge.to_device(examples, target.device)
+        first = {k: v[None] for k, v in data[0].items() if k != "latents"}
+
+        def on_preview(trainer) -> None:
+            trainer.entropy.enabled = False
+            lat = core.euler_sample(target.apply_model, target.model_sampling, first,
+                                    (1, *data[0]["latents"].shape), PREVIEW_STEPS,
+                                    train_cfg.seed, target.device)
+            trainer.entropy.enabled = True
+            img = bridge.latent_preview(lat, target.rgb_factors)
+            if img is not None:
+                previews.append(img)
+                progress.update(trainer.step, img)
+
+        callbacks = Callbacks(on_step=lambda tr, rec: progress.update(tr.step),
+                              should_stop=progress.should_stop, on_preview=on_preview,
+                              preview_every=preview_every)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        bridge.log.info("LoRA² training %s: %d examples, %d steps", stem, len(data),
+                        train_cfg.steps)
+        try:
+            result = core.train_adapters(
+                target.module, data, core.denoising_loss(target.apply_model,
+                                                         target.model_sampling),
+                adapter_cfg, train_cfg, export_cfg, target.layout, callbacks=callbacks,
+                checkpoint_path=state, resume=resume_path, out_file=file,
+                checkpointing=checkpointing,
+                extra_metadata={"lora2.name": stem, "ss_output_name": stem,
+                                "lora2.trained_in": "ComfyUI"})
+        except TrainingInterrupted as exc:
+            bridge.log.warning("LoRA² %s", exc)
+            raise bridge.interrupted() from exc
+        except NonFiniteLoss as exc:
+            raise RuntimeError(f"LoRA²: {exc}") from None
+        finally:
+            if out is None:
+                file.unlink(missing_ok=True)
+    state.unlink(missing_ok=True)
+    batch = torch.cat(previews) if previews else None
+    return result, batch
+
+
+def _resume_path(resume: str) -> Path | None:
+    if not resume.strip():
+        return None
+    path = Path(resume.strip()).expanduser()
+    if not path.is_absolute():
+        path = bridge.checkpoint_folder() / core.safe_relative_name(resume, STATE)
+    if not path.is_file():
+        raise ValueError(f"resume: {path} does not exist; pick a .state.safetensors from "
+                         f"{bridge.checkpoint_folder()}")
+    return path
