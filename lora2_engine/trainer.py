@@ -49,6 +49,9 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
     on_preview: Callable[[Trainer], None] | None = None
     preview_every: int = 0
+    # exceptions that mean "the user cancelled" even when raised inside a step (ComfyUI's
+    # InterruptProcessingException is raised from inside the model's forward in 0.28)
+    interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
 
 
 def collate(examples: Sequence[dict]) -> dict:
@@ -86,6 +89,7 @@ class Trainer:
         self._pos = 0
         self._stop = False
         self._set_checkpointing(adapters.model, config.grad_checkpointing)
+        adapters.update_ranks(self.generator)  # D(nu) before the first step
         device = adapters.factor_parameters()[0].device
         self._device_type = device.type
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
@@ -118,14 +122,26 @@ class Trainer:
         return torch.autocast(self._device_type, dtype=self._amp_dtype)
 
     def train_step(self) -> dict:
-        """Resize to ``D(nu)``, accumulate gradients, step; returns this step's record."""
-        cfg = self.config
-        changes = self.adapters.update_ranks(self.generator)
-        apply_resizes(self.optimizer, self.adapters, changes)
+        """Accumulate gradients, step, then resize every layer to its new ``D(nu)``.
+
+        Resizing at the end of a step (= before the next) keeps everything before the
+        optimizer update free of side effects but the random draws, so a step interrupted
+        midway (:attr:`Callbacks.interrupts`) is rolled back exactly and checkpointed.
+        """
+        snapshot = (self.generator.get_state(), torch.get_rng_state(), self._order, self._pos)
         try:
-            return self._accumulate_and_step(cfg)
+            rec = self._accumulate_and_step(self.config)
+        except self.callbacks.interrupts as exc:
+            self.generator.set_state(snapshot[0])
+            torch.set_rng_state(snapshot[1])
+            self._order, self._pos = snapshot[2], snapshot[3]
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingInterrupted(self.step, self._save_if_possible()) from exc
         finally:
             self.adapters.clear_scales()
+        changes = self.adapters.update_ranks(self.generator)
+        apply_resizes(self.optimizer, self.adapters, changes)
+        return rec
 
     def _accumulate_and_step(self, cfg: TrainConfig) -> dict:
         task_sum, ent_sum = 0.0, 0.0
@@ -203,7 +219,6 @@ class Trainer:
                 every = self.config.checkpoint_every
                 if every and self.step % every == 0 and self.step < steps:
                     self._save_if_possible()
-        self.adapters.update_ranks(self.generator)  # ranks as the final nu says
         return self.history
 
     @contextlib.contextmanager

@@ -141,7 +141,8 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
 
         callbacks = Callbacks(on_step=lambda tr, rec: progress.update(tr.step),
                               should_stop=progress.should_stop, on_preview=on_preview,
-                              preview_every=preview_every)
+                              preview_every=preview_every,
+                              interrupts=(bridge.InterruptProcessingException,))
         state.parent.mkdir(parents=True, exist_ok=True)
         bridge.log.info("LoRA² training %s: %d examples, %d steps", stem, len(data),
                         train_cfg.steps)

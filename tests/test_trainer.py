@@ -112,3 +112,33 @@ def test_bf16_autocast_trains_and_keeps_fp32_adapters():
     hist = tr.run()
     assert all(p.dtype == torch.float32 for p in tr.adapters.factor_parameters())
     assert sum(h["task"] for h in hist[-5:]) < sum(h["task"] for h in hist[:5])
+
+
+class _UserCancel(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException (raised inside the forward)."""
+
+
+def test_interrupt_inside_a_step_rolls_back_and_resumes_bit_identically(tmp_path):
+    data = _task()
+    ref = _trainer(data, steps=12)
+    ref.run()
+    tr = _trainer(data, steps=12, ckpt=tmp_path / "s.safetensors")
+    tr.callbacks = Callbacks(interrupts=(_UserCancel,))
+    inner = tr.loss_fn
+    calls = {"n": 0}
+
+    def flaky(batch, gen):
+        calls["n"] += 1
+        out = inner(batch, gen)  # the random draws of the step happen, then the cancel
+        if calls["n"] == 8:
+            raise _UserCancel()
+        return out
+
+    tr.loss_fn = flaky
+    with pytest.raises(TrainingInterrupted, match="cancelled at step 7") as exc:
+        tr.run()
+    resumed = _trainer(data, steps=12)
+    resumed.load_checkpoint(exc.value.checkpoint)
+    resumed.run()
+    want, got = ref.adapters.state_dict(), resumed.adapters.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
