@@ -83,17 +83,22 @@ def main() -> None:
         tr2.train_step()
     mean_rank = max(1, round(sum(ad2.ranks().values()) / len(ad2)))
 
+    noent_model = copy.deepcopy(unet)
+    ad0 = attach(noent_model, AdapterConfig(r_target=1, init_rank=args.init_rank, r_max=512))
+    tr0 = Trainer(ad0, diffusion_loss(ldm_predict(noent_model), schedule), data,
+                  TrainConfig(**{**cfg.__dict__, "lambda_e": 0.0}))
+
     fixed_model = copy.deepcopy(unet)
     adf = attach(fixed_model, fixed_rank=mean_rank)
     trf = Trainer(adf, diffusion_loss(ldm_predict(fixed_model), schedule), data, cfg)
     for _ in range(args.warmup):
         trf.train_step()
+        tr0.train_step()
         frozen_step()
 
-    times: dict[str, list[float]] = {"frozen fwd+bwd": [], "fixed LoRA step": [],
-                                     "LoRA² step": []}
     steps = {"frozen fwd+bwd": frozen_step, "fixed LoRA step": trf.train_step,
-             "LoRA² step": tr2.train_step}
+             "LoRA² step": tr2.train_step, "LoRA² step, λ_e = 0 (no entropy)": tr0.train_step}
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.steps):
         for name, fn in steps.items():
             t0 = time.perf_counter()
