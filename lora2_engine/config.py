@@ -113,7 +113,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
               "train": {"lr": 5e-5, "nu_lr": 1e-2, "lambda_r": 1e-4, "lambda_e": 1e-4}},
     # Low r_target with a moderate lambda_r lets ranks spread (method.md §1, bench/).
     "spread": {"adapter": {"r_target": 1, "init_rank": 8, "r_max": 512, "init": "kaiming"},
-               "train": {"lr": 1e-4, "nu_lr": 1e-2, "lambda_r": 1e-4, "lambda_e": 1e-4}},
+               "train": {"lr": 1e-4, "nu_lr": 1e-2, "lambda_r": 3e-4, "lambda_e": 1e-4}},
 }
 DEFAULT_PRESET = "spread"
 

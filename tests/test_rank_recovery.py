@@ -36,7 +36,7 @@ def rr():
 
 def test_default_preset_recovers_zero_and_highest_ranks(rr, tmp_path):
     # 8 frozen 32x32 layers, planted ranks 0..24; the default preset as it is (r_target 1,
-    # init_rank 8, r_max 512, nu lr 1e-2, lambda_r 1e-4), only steps and lr scaled down.
+    # init_rank 8, r_max 512, nu lr 1e-2, lambda_r 3e-4), only steps and lr scaled down.
     ranks = (0, 0, 0, 2, 4, 8, 16, 24)
     task = rr.LayersTask(seed=0, steps=300, lr=3e-3, dim=32, ranks=ranks)
     task.scale = {}  # no task-scale changes: preset() defaults
