@@ -59,23 +59,12 @@ class AdaptiveLora:
 
 
 def lora_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """Key → tensor as ``write_lora`` stores them, so stock loaders see the same thing.
+    """Key → tensor as ``write_lora`` stores them, plus a ``.alpha`` for every module.
 
-    One addition: diffusers-style files keep alpha in metadata (``alpha_pattern``), which
-    ComfyUI ignores; here every module gets its ``.alpha`` key, which ComfyUI reads for any
-    naming, so the scale ``alpha / rank`` is the one diffusers would use.
+    Diffusers-style files keep alpha in metadata (``alpha_pattern``), which ComfyUI ignores;
+    ComfyUI reads ``.alpha`` for any naming, so the scale is the one diffusers would use.
     """
-    if lora.style == "diffusers":
-        down, up = ".lora_A.weight", ".lora_B.weight"
-    else:
-        down, up = ".lora_down.weight", ".lora_up.weight"
-    out = dict(lora.extra)
-    for prefix, w in lora.modules.items():
-        out[prefix + down] = w.down
-        out[prefix + up] = w.up
-        if w.alpha is not None:
-            out[prefix + ".alpha"] = torch.tensor(float(w.alpha))
-    return out
+    return lora.state_dict(alphas=True)
 
 
 def subject_from_folder(folder: str | Path, prompt: str, resolution: int, mode: str) -> Subject:

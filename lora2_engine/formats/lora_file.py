@@ -64,6 +64,22 @@ class LoraFile:
     def ranks(self) -> dict[str, int]:
         return {k: w.rank for k, w in self.modules.items()}
 
+    def state_dict(self, alphas: bool | None = None) -> dict[str, torch.Tensor]:
+        """Key → tensor as the file stores them (what a stock loader is handed).
+
+        ``alphas`` adds a ``.alpha`` per module; by default every style but diffusers gets one
+        (diffusers keeps alphas in metadata). ComfyUI reads ``.alpha`` for any naming, so an
+        in-memory diffusers-style LoRA handed to it should pass ``alphas=True``.
+        """
+        alphas = self.style != "diffusers" if alphas is None else alphas
+        out: dict[str, torch.Tensor] = dict(self.extra)
+        for prefix, w in self.modules.items():
+            out[_write_key(prefix, "down", self.style)] = w.down
+            out[_write_key(prefix, "up", self.style)] = w.up
+            if alphas and w.alpha is not None:
+                out[prefix + ".alpha"] = torch.tensor(float(w.alpha))
+        return out
+
     def lora2_modules(self) -> dict[str, dict[str, Any]] | None:
         """Our per-module record (``nu``, rank, shape) or ``None`` for other tools' files."""
         return parse_json_metadata(self.metadata, "lora2.modules", self.path or "file")
@@ -104,12 +120,7 @@ def _write_key(prefix: str, role: str, style: str) -> str:
 
 def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``lora`` in its own key style, atomically."""
-    tensors: dict[str, torch.Tensor] = dict(lora.extra)
-    for prefix, w in lora.modules.items():
-        tensors[_write_key(prefix, "down", lora.style)] = w.down
-        tensors[_write_key(prefix, "up", lora.style)] = w.up
-        if w.alpha is not None and lora.style != "diffusers":
-            tensors[prefix + ".alpha"] = torch.tensor(float(w.alpha))
+    tensors = lora.state_dict()
     meta = dict(lora.metadata)
     if lora.style == "diffusers":
         meta["lora_adapter_metadata"] = json.dumps(_peft_config(lora))
