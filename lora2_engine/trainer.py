@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpointing import checkpointed_blocks
 from .config import TrainConfig, to_dict
 from .formats.io import load_tensors, save_tensors
 from .inject import Adapters
@@ -98,12 +99,15 @@ class Trainer:
                         if amp is torch.float16 and device.type == "cuda" else None)
 
     # -- data ------------------------------------------------------------------------------
-    @staticmethod
-    def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    def _set_checkpointing(self, model: torch.nn.Module, on: bool) -> None:
+        """Use the model's own switch (tiny UNets, diffusers) or wrap its blocks in :meth:`run`."""
+        self._wrap_blocks = False
         if hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = on
         elif on and hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing()
+        else:
+            self._wrap_blocks = on
 
     def _next_batch(self) -> dict:
         items = []
@@ -207,7 +211,9 @@ class Trainer:
         """
         steps = self.config.steps if steps is None else steps
         cb = self.callbacks
-        with self._sigint_as_request():
+        blocks = (checkpointed_blocks(self.adapters.model) if self._wrap_blocks
+                  else contextlib.nullcontext())
+        with self._sigint_as_request(), blocks:
             while self.step < steps:
                 if self._stop or (cb.should_stop and cb.should_stop()):
                     raise TrainingInterrupted(self.step, self._save_if_possible())

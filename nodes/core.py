@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from ..lora2_engine.checkpointing import checkpointed_blocks  # noqa: F401  (re-exported)
 from ..lora2_engine.config import ConfigError, preset
 from ..lora2_engine.formats.lora_file import LoraFile
 
@@ -339,42 +340,6 @@ def train_adapters(module: torch.nn.Module, examples: list[dict], loss_fn, adapt
     if _fingerprint(module) != before:
         raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
     return TrainResult(lora, history, ranks)
-
-
-@contextlib.contextmanager
-def checkpointed_blocks(model: torch.nn.Module):
-    """Gradient checkpointing for any UNet/DiT: each element of the outermost ModuleLists
-    (``input_blocks``, ``output_blocks``, a DiT's ``blocks``...) recomputes its activations in
-    the backward pass (non-reentrant, so kwargs and frozen inputs work). Undone on exit."""
-    from torch.utils.checkpoint import checkpoint
-
-    wrapped: list[torch.nn.Module] = []
-
-    def wrap(block: torch.nn.Module) -> None:
-        if "forward" in vars(block):  # someone else's instance patch: leave it alone
-            return
-        plain = type(block).forward
-
-        def forward(*args, **kwargs):
-            return checkpoint(plain, block, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-        wrapped.append(block)
-
-    def visit(module: torch.nn.Module) -> None:
-        for child in module.children():
-            if isinstance(child, torch.nn.ModuleList):
-                for block in child:
-                    wrap(block)
-            else:
-                visit(child)
-
-    visit(model)
-    try:
-        yield wrapped
-    finally:
-        for block in wrapped:
-            del block.forward
 
 
 # ------------------------------------------------------------------ pictures

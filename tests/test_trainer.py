@@ -142,3 +142,38 @@ def test_interrupt_inside_a_step_rolls_back_and_resumes_bit_identically(tmp_path
     resumed.run()
     want, got = ref.adapters.state_dict(), resumed.adapters.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_grad_checkpointing_wraps_blocks_of_models_without_a_switch():
+    """A model with no checkpointing switch: blocks of its ModuleList are wrapped during run()."""
+    from lora2_engine.checkpointing import checkpointed_blocks
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+                                 for _ in range(3))
+    model = torch.nn.Module()
+    model.blocks = blocks
+    x = torch.randn(4, 8)
+
+    def forward():
+        h = x
+        for b in model.blocks:
+            h = b(h)
+        return h.pow(2).mean()
+
+    ad = attach(model, AdapterConfig(targets=("0",), init_rank=2))
+    for layer in ad.layers.values():
+        layer.B.data.normal_()
+    forward().backward()
+    plain = [p.grad.clone() for p in ad.factor_parameters()]
+    model.zero_grad()
+    with checkpointed_blocks(model) as wrapped:
+        assert len(wrapped) == 3
+        forward().backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(plain, ad.factor_parameters()))
+    assert all("forward" not in vars(b) for b in blocks)  # undone on exit
+    tr = Trainer(ad, lambda b, g: forward(), [{"i": torch.zeros(1)}],
+                 TrainConfig(steps=2, grad_checkpointing=True))
+    assert tr._wrap_blocks
+    tr.run()
+    assert all("forward" not in vars(b) for b in blocks)
