@@ -51,12 +51,6 @@ def checkpoint_folder() -> Path:
     return Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER
 
 
-def temp_folder() -> Path:
-    path = Path(folder_paths.get_temp_directory())
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 # ------------------------------------------------------------------ the model
 @dataclass
 class TrainingModel:

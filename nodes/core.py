@@ -307,14 +307,14 @@ def _fingerprint(model: torch.nn.Module) -> tuple[dict[str, int], float]:
 
 def train_adapters(module: torch.nn.Module, examples: list[dict], loss_fn, adapter_cfg,
                    train_cfg, export_cfg, layout, *, callbacks=None, checkpoint_path=None,
-                   resume: str | Path | None = None, out_file: Path,
+                   resume: str | Path | None = None, out_file: Path | None,
                    extra_metadata: dict | None = None, checkpointing: bool = False) -> TrainResult:
-    """Attach, train, export to ``out_file`` and read it back, detach; ``module`` ends unchanged.
+    """Attach, train, export (to ``out_file`` when given), detach; ``module`` ends unchanged.
 
     The module tree and the sum of every weight are compared before and after; a difference
     raises (it would mean the caller's MODEL was altered, which must never happen).
     """
-    from ..lora2_engine.formats import export_adapters, read_lora
+    from ..lora2_engine.formats import adapters_to_lora, write_lora
     from ..lora2_engine.inject import attach
     from ..lora2_engine.objective import EntropyCapture
     from ..lora2_engine.trainer import Trainer
@@ -330,9 +330,10 @@ def train_adapters(module: torch.nn.Module, examples: list[dict], loss_fn, adapt
             if resume:
                 trainer.load_checkpoint(resume)
             history = trainer.run()
-        export_adapters(adapters, out_file, export_cfg, layout, train_cfg, trainer.step,
-                        extra_metadata)
-        lora = read_lora(out_file)
+        lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
+                                extra_metadata)
+        if out_file is not None:
+            lora.path = write_lora(lora, out_file, overwrite=export_cfg.overwrite)
         ranks = adapters.ranks()
     finally:
         entropy.remove()

@@ -121,7 +121,6 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
     state = bridge.checkpoint_folder() / f"{stem}{STATE}"
     if resume_path is None or state.resolve() != resume_path.resolve():
         state = core.free_path(bridge.checkpoint_folder(), stem, STATE)  # keep older states
-    file = out or bridge.temp_folder() / f"{stem}.safetensors"
     progress, previews = bridge.Progress(train_cfg.steps), []
     with torch.inference_mode(False):
         target = bridge.load_for_training(model)
@@ -151,7 +150,7 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
                 target.module, data, core.denoising_loss(target.apply_model,
                                                          target.model_sampling),
                 adapter_cfg, train_cfg, export_cfg, target.layout, callbacks=callbacks,
-                checkpoint_path=state, resume=resume_path, out_file=file,
+                checkpoint_path=state, resume=resume_path, out_file=out,
                 checkpointing=checkpointing,
                 extra_metadata={"lora2.name": stem, "ss_output_name": stem,
                                 "lora2.trained_in": "ComfyUI"})
@@ -160,9 +159,6 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
             raise bridge.interrupted() from exc
         except NonFiniteLoss as exc:
             raise RuntimeError(f"LoRA²: {exc}") from None
-        finally:
-            if out is None:
-                file.unlink(missing_ok=True)
     state.unlink(missing_ok=True)
     batch = torch.cat(previews) if previews else None
     return result, batch

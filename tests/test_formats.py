@@ -153,3 +153,18 @@ def test_no_silent_overwrite_and_atomic_failure(tmp_path, monkeypatch):
 def test_malformed_metadata_is_an_error_message():
     with pytest.raises(LoraFileError, match="'lora2.modules' is not valid JSON"):
         parse_json_metadata({"lora2.modules": "{oops"}, "lora2.modules")
+
+
+@pytest.mark.parametrize("style", ["kohya", "diffusers"])
+def test_in_memory_lora_equals_the_written_file(attn_net, tmp_path, style):
+    from lora2_engine.formats import adapters_to_lora
+
+    ad = _trained(attn_net)
+    export = ExportConfig(key_style=style, dtype="float16")
+    mem = adapters_to_lora(ad, export, SDXL)
+    disk = read_lora(export_adapters(ad, tmp_path / "f.safetensors", export, SDXL))
+    assert mem.modules.keys() == disk.modules.keys()
+    for k, w in mem.modules.items():
+        assert w.down.dtype == torch.float16
+        assert torch.equal(w.down, disk.modules[k].down) and torch.equal(w.up, disk.modules[k].up)
+        assert w.scale == disk.modules[k].scale == 1.0

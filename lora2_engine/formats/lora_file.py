@@ -205,7 +205,15 @@ def _apply_peft_alphas(modules: dict[str, ModuleWeights], meta: dict[str, str], 
 def export_adapters(adapters, path: str | os.PathLike, export=None,
                     layout: UNetLayout = OTHER, train_config=None, steps: int | None = None,
                     extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write trained adapters as one standard LoRA file with Lambda folded (method.md §4).
+    """Write trained adapters as one standard LoRA file (see :func:`adapters_to_lora`)."""
+    lora = adapters_to_lora(adapters, export, layout, train_config, steps, extra_metadata)
+    return write_lora(lora, path, overwrite=bool(export and export.overwrite))
+
+
+def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_config=None,
+                     steps: int | None = None,
+                     extra_metadata: dict[str, str] | None = None) -> LoraFile:
+    """Trained adapters as an in-memory LoRA file with Lambda folded (method.md §4).
 
     ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)``, ``alpha = D``: every stock loader then
     computes exactly ``B Lambda A`` for every module, whatever its rank.
@@ -232,8 +240,7 @@ def export_adapters(adapters, path: str | os.PathLike, export=None,
     meta = _metadata(adapters, record, layout, train_config, steps, export)
     meta["lora2.export_config"] = json.dumps(to_dict(export))
     meta.update(extra_metadata or {})
-    lora = LoraFile(modules, export.key_style, meta)
-    return write_lora(lora, path, overwrite=export.overwrite)
+    return LoraFile(modules, export.key_style, meta)
 
 
 def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str, str]:
