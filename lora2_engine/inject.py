@@ -158,7 +158,10 @@ class Adapters:
             _set_child(self.model, name, layer.base)
         for n, p in self.model.named_parameters():
             if n in self._requires_grad:
-                p.requires_grad_(self._requires_grad[n])
+                # a parameter created under inference_mode (ComfyUI) can only get its flag back
+                # inside it
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(self._requires_grad[n])
         self.layers = {}
         return self.model
 

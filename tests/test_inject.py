@@ -71,3 +71,13 @@ def test_rank_never_exceeds_the_layers_smaller_side():
     ad.layers["0"].nu_param.data.fill_(-20.0)  # nu at its floor: D(nu) = r_max
     ad.update_ranks()
     assert ad.ranks() == {"0": 4}
+
+
+def test_detach_restores_flags_of_parameters_made_under_inference_mode():
+    with torch.inference_mode():
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    ad = attach(net, AdapterConfig(targets=("0",), init_rank=2))
+    net(torch.randn(2, 4)).sum().backward()
+    assert ad.layers["0"].A.grad is not None
+    ad.detach()
+    assert net[0].weight.is_inference() and net[0].weight.requires_grad
