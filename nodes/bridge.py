@@ -102,15 +102,50 @@ def encode_subject(model, clip, vae, subject: Subject) -> list[dict]:
         enc = dict(captions[caption])
         image = pixels.permute(1, 2, 0)[None]  # (1, H, W, 3)
         latent = base.process_latent_in(vae.encode(image).float().cpu())
-        conds = base.extra_conds(cross_attn=enc.pop("cond"), **enc, device="cpu",
-                                 width=image.shape[2], height=image.shape[1], noise=latent,
-                                 latent_image=latent, seed=0)
-        ex = {"latents": latent[0]}
-        for key, cond in conds.items():
-            value = getattr(cond, "cond", None)
-            if torch.is_tensor(value):
-                ex[key] = value[0].detach().clone().cpu()
-        examples.append(ex)
+        examples.append(_example(base, latent, enc.pop("cond"), enc, image.shape[2],
+                                 image.shape[1]))
+    return examples
+
+
+def _example(base, latent, cross_attn, extra: dict, width: int, height: int) -> dict:
+    """One training example: the latent plus exactly what the samplers pass to ``apply_model``."""
+    conds = base.extra_conds(cross_attn=cross_attn, **extra, device="cpu", width=width,
+                             height=height, noise=latent, latent_image=latent, seed=0)
+    ex = {"latents": latent[0]}
+    for key, cond in conds.items():
+        value = getattr(cond, "cond", None)
+        if torch.is_tensor(value):
+            ex[key] = value[0].detach().clone().cpu()
+    return ex
+
+
+def training_examples(model, clip, vae, subject, latents, positive) -> list[dict]:
+    """Examples from a subject (with CLIP and VAE) or from LATENT + CONDITIONING."""
+    if subject is not None:
+        if clip is None or vae is None:
+            raise ValueError("a subject needs CLIP and VAE connected (to encode its captions "
+                             "and photos); or connect latents + positive instead")
+        return encode_subject(model, clip, vae, subject)
+    if latents is None or positive is None:
+        raise ValueError("nothing to train on: connect a subject (with CLIP and VAE), or "
+                         "latents + positive conditioning")
+    return encode_latents(model, latents, positive)
+
+
+def encode_latents(model, latents: dict, positive: list) -> list[dict]:
+    """LATENT + CONDITIONING → examples; one conditioning for all latents, or one per latent."""
+    base = model.model
+    samples = latents["samples"].float().cpu()
+    if len(positive) not in (1, samples.shape[0]):
+        raise ValueError(f"positive has {len(positive)} conditionings for {samples.shape[0]} "
+                         "latents: give one, or one per latent")
+    examples = []
+    for i in range(samples.shape[0]):
+        cond, extra = positive[i if len(positive) > 1 else 0]
+        latent = base.process_latent_in(samples[i: i + 1])
+        enc = {k: v for k, v in extra.items() if k == "pooled_output"}
+        examples.append(_example(base, latent, cond[:1].float().cpu(), enc,
+                                 latent.shape[3] * 8, latent.shape[2] * 8))
     return examples
 
 

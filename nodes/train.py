@@ -30,8 +30,14 @@ COMFY_KEY_STYLES = ["kohya", "comfy"]
 def _inputs() -> list:
     F, I = io.Float.Input, io.Int.Input  # noqa: E741
     return [
-        io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
-        SUBJECT.Input("subject"),
+        io.Model.Input("model"),
+        io.Clip.Input("clip", optional=True, tooltip="encodes the subject's captions"),
+        io.Vae.Input("vae", optional=True, tooltip="encodes the subject's photos"),
+        SUBJECT.Input("subject", optional=True, tooltip="photos + captions (with CLIP and VAE)"),
+        io.Latent.Input("latents", optional=True,
+                        tooltip="instead of a subject: already-encoded latents"),
+        io.Conditioning.Input("positive", optional=True,
+                              tooltip="with latents: one conditioning, or one per latent"),
         io.Combo.Input("preset", options=sorted(PRESETS), default="spread",
                        tooltip="spread: ranks differ a lot (default); paper: the paper's SDXL "
                                "settings"),
@@ -84,8 +90,9 @@ class TrainAdaptiveLoRA(io.ComfyNode):
                      io.Image.Output(display_name="previews")])
 
     @classmethod
-    def execute(cls, model, clip, vae, subject, preset, steps, learning_rate, r_target, seed,
-                filename, init_rank=0, r_max=0, lambda_r=-1.0, lambda_e=-1.0, nu_lr=0.0,
+    def execute(cls, model, preset, steps, learning_rate, r_target, seed, filename,
+                clip=None, vae=None, subject=None, latents=None, positive=None, init_rank=0,
+                r_max=0, lambda_r=-1.0, lambda_e=-1.0, nu_lr=0.0,
                 batch_size=1, grad_accum=1, targets=TARGETS, key_style="kohya",
                 save_dtype="float32", gradient_checkpointing=False, checkpoint_every=0,
                 preview_every=0, resume="") -> io.NodeOutput:
@@ -97,7 +104,8 @@ class TrainAdaptiveLoRA(io.ComfyNode):
             grad_accum=grad_accum, targets=targets, checkpoint_every=checkpoint_every))
         export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
         out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
-        examples = core.stackable(bridge.encode_subject(model, clip, vae, subject), batch_size)
+        examples = core.stackable(bridge.training_examples(model, clip, vae, subject, latents,
+                                                           positive), batch_size)
         t0 = time.perf_counter()
         result, previews = _train(model, examples, adapter_cfg, train_cfg, export_cfg, out,
                                   gradient_checkpointing, preview_every, resume)

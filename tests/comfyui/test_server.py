@@ -19,10 +19,11 @@ EXPECTED = {  # node id → (required inputs, optional inputs, output types)
          "resolution": "INT", "mode": "COMBO"}, {"images": "IMAGE"},
         ["SUBJECT", "IMAGE", "STRING"]),
     "LoRA2_TrainAdaptiveLoRA": (
-        {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "subject": "SUBJECT",
-         "preset": "COMBO", "steps": "INT", "learning_rate": "FLOAT", "r_target": "FLOAT",
-         "seed": "INT", "filename": "STRING"},
-        {"init_rank": "INT", "r_max": "INT", "lambda_r": "FLOAT", "lambda_e": "FLOAT",
+        {"model": "MODEL", "preset": "COMBO", "steps": "INT", "learning_rate": "FLOAT",
+         "r_target": "FLOAT", "seed": "INT", "filename": "STRING"},
+        {"clip": "CLIP", "vae": "VAE", "subject": "SUBJECT", "latents": "LATENT",
+         "positive": "CONDITIONING", "init_rank": "INT", "r_max": "INT", "lambda_r": "FLOAT",
+         "lambda_e": "FLOAT",
          "nu_lr": "FLOAT", "batch_size": "INT", "grad_accum": "INT", "targets": "STRING",
          "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "BOOLEAN",
          "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING"},
@@ -200,3 +201,37 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes(server, trained):
     text = next(v["text"][0] for v in history["outputs"].values() if "text" in v and
                 "cancel.safetensors" in v["text"][0])
     assert f"{step + 2} steps" in text
+
+
+def test_trains_from_latents_and_conditioning_without_a_subject(server):
+    """The path for ComfyUI's own dataset nodes: LATENT + CONDITIONING in, no CLIP/VAE."""
+    api = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1],
+                                                         "text": "a photo of sks dog"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                           "batch_size": 2}},
+        "4": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
+            "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "preset": "spread",
+            "steps": 3, "learning_rate": 1e-3, "r_target": 0.0, "seed": 0,
+            "filename": "lora2/from_latents"}},
+    }
+    entry = _wait_status(server, server.queue(api))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    path = server.base / "models" / "loras" / "lora2" / "from_latents.safetensors"
+    assert path.is_file()
+    with safe_open(str(path), "pt") as fh:
+        assert any(k.endswith("lora_down.weight") for k in fh.keys())
+        assert json.loads(fh.metadata()["lora2.modules"])
+
+
+def test_nothing_to_train_on_is_a_clear_error(server):
+    api = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "4": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
+            "model": ["1", 0], "preset": "spread", "steps": 3, "learning_rate": 0.0,
+            "r_target": 0.0, "seed": 0, "filename": ""}},
+    }
+    entry = _wait_status(server, server.queue(api))
+    text = json.dumps(entry["status"])
+    assert "nothing to train on: connect a subject" in text, text
