@@ -133,7 +133,7 @@ class Adapters:
             layer.cached_scale = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Active slots only, plus ``nu`` and the rank (for checkpoints)."""
+        """Active slots only, plus ``nu`` (the trainer's checkpoints keep full capacity)."""
         out = {}
         for name, layer in self.layers.items():
             out[f"{name}.A"] = layer.A[: layer.rank].detach().clone()
@@ -141,16 +141,6 @@ class Adapters:
             if isinstance(layer, AdaptiveLoRALayer):
                 out[f"{name}.nu_param"] = layer.nu_param.detach().clone()
         return out
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, layer in self.layers.items():
-            a, b = state[f"{name}.A"], state[f"{name}.B"]
-            if f"{name}.nu_param" in state:
-                layer.nu_param.copy_(state[f"{name}.nu_param"])
-            layer.resize(a.shape[0])
-            layer.A[: a.shape[0]] = a.to(layer.A)
-            layer.B[:, : b.shape[1]] = b.to(layer.B)
 
     def detach(self) -> nn.Module:
         """Put the original modules back and restore ``requires_grad``; returns the model."""

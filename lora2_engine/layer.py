@@ -20,7 +20,6 @@ from .distribution import (
     nu_for_rank,
     nu_from_param,
     param_from_nu,
-    rank_from_nu,
     slot_weights,
 )
 
@@ -153,10 +152,6 @@ class AdaptiveLoRALayer(LoRALayer):
     @property
     def nu(self) -> torch.Tensor:
         return nu_from_param(self.nu_param, self.floor)
-
-    def target_rank(self) -> int:
-        """``D(nu)`` for the current ``nu`` (Eq. 6); the trainer resizes to it every step."""
-        return rank_from_nu(float(self.nu.detach()), self.config.q, self.config.r_max)
 
     def slot_scale(self) -> torch.Tensor:
         if self.cached_scale is not None:

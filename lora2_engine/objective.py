@@ -18,14 +18,11 @@ def mse_target(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def rank_penalty(adapters: Adapters, nu: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_l |nu_l - nu_target|`` (Eq. 13): a pull toward ``r_target`` from both sides.
-
-    ``nu`` may be the stacked values the trainer already computed this step.
-    """
+def rank_penalty(adapters: Adapters) -> torch.Tensor:
+    """``sum_l |nu_l - nu_target|`` (Eq. 13): a pull toward ``r_target`` from both sides."""
     if not adapters.adaptive:
         return torch.zeros(())
-    nu = adapters.stacked_nu() if nu is None else nu
+    nu = adapters.stacked_nu()
     c = adapters.config
     return (nu - nu_for_rank(c.r_target, c.q)).abs().sum()
 
