@@ -8,17 +8,23 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..lora2_engine.formats import read_lora
+from ..lora2_engine.formats.lora_file import LoraFile, check_family
 from . import bridge
 from .types import ADAPTIVE_LORA, CATEGORY, NONE, lora_choice, show
 
 
-def load_choice(adaptive_lora, lora_name: str):
-    """The linked ADAPTIVE_LORA, else the chosen file: (state dict, label)."""
+def load_choice(adaptive_lora, lora_name: str) -> tuple[LoraFile, dict, str]:
+    """The linked ADAPTIVE_LORA, else the chosen file (safetensors only): (LoRA, tensors, label).
+
+    A file's tensors are exactly what it holds, as stock LoraLoader reads them.
+    """
     if adaptive_lora is not None:
-        return adaptive_lora.state_dict(), adaptive_lora.name
+        return adaptive_lora.lora, adaptive_lora.state_dict(), adaptive_lora.name
     if not lora_name or lora_name == NONE:
         raise ValueError("link an adaptive_lora or choose a lora_name")
-    return bridge.load_lora_tensors(bridge.lora_file(lora_name)), lora_name
+    lora = read_lora(bridge.lora_file(lora_name))
+    return lora, lora.state_dict(), lora_name
 
 
 class ApplyAdaptiveLoRA(io.ComfyNode):
@@ -43,7 +49,8 @@ class ApplyAdaptiveLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, strength_model, adaptive_lora=None, lora_name=NONE, clip=None,
                 strength_clip=1.0) -> io.NodeOutput:
-        state_dict, label = load_choice(adaptive_lora, lora_name)
+        lora, state_dict, label = load_choice(adaptive_lora, lora_name)
+        check_family(lora, bridge.layout_of(model.model).family)  # e.g. SD1.5 file on SDXL
         new_model, new_clip, modules, unmatched = bridge.apply_lora(
             model, clip, state_dict, strength_model, strength_clip)
         text = f"{label}: {len(modules) - len(unmatched)} of {len(modules)} modules applied"

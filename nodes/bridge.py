@@ -223,8 +223,3 @@ def apply_lora(model, clip, state_dict: dict, strength_model: float, strength_cl
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, state_dict,
                                                         strength_model, strength_clip)
     return new_model, new_clip, modules, unmatched
-
-
-def load_lora_tensors(path: str | Path) -> dict:
-    """A LoRA file read the way LoraLoader reads it."""
-    return comfy.utils.load_torch_file(str(path), safe_load=True)

@@ -235,3 +235,28 @@ def test_nothing_to_train_on_is_a_clear_error(server):
     entry = _wait_status(server, server.queue(api))
     text = json.dumps(entry["status"])
     assert "nothing to train on: connect a subject" in text, text
+
+
+def test_apply_refuses_a_lora_of_another_family(server):
+    """An SDXL LoRA on the SD1.5 checkpoint: a message naming both, not a silent half-patch."""
+    import torch
+
+    from lora2_engine import AdapterConfig, attach
+    from lora2_engine.formats.keys import SDXL
+    from lora2_engine.formats.lora_file import export_adapters
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    folder = server.base / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    export_adapters(attach(net, AdapterConfig(targets=("0",), init_rank=2)),
+                    folder / "other_family.safetensors", layout=SDXL)
+    # the shipped graph's apply → sample chain, with the file instead of a trained adapter
+    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"))
+    api = {k: v for k, v in api.items() if v["class_type"] not in (
+        "LoRA2_LoadSubjectImages", "LoRA2_TrainAdaptiveLoRA", "LoRA2_RankReport")}
+    apply = next(v for v in api.values() if v["class_type"] == "LoRA2_ApplyAdaptiveLoRA")
+    del apply["inputs"]["adaptive_lora"]
+    apply["inputs"]["lora_name"] = "other_family.safetensors"
+    entry = _wait_status(server, server.queue(api))
+    text = json.dumps(entry["status"])
+    assert "was made for SDXL but the model is SD1.5: pick a LoRA trained for SD1.5" in text, text
