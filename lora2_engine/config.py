@@ -15,6 +15,7 @@ DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 KEY_STYLES: tuple[str, ...] = ("kohya", "comfy", "diffusers")
 INITS: tuple[str, ...] = ("kaiming", "paper")
+SLOT_INITS: tuple[str, ...] = ("gradient", "random")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,12 @@ class AdapterConfig:
     renormalize: bool = field(default=True, metadata={"help": "f sums to 1 over D slots (AWN)"})
     init: str = field(default="kaiming", metadata={"help": "'kaiming' (default) or 'paper'"})
     random_new_b: bool = field(default=False, metadata={"help": "paper: new B columns random"})
+    slot_init: str = field(default="random", metadata={
+        "help": "'gradient': a new slot's A row is the leading unused singular direction of "
+                "dL/dDeltaW (B stays 0); 'random': Gaussian A (the paper, PEFT)"})
+    slot_norm: str = field(default="first", metadata={
+        "help": "norm of gradient-initialised A rows: 'first' (every row as a random row, the "
+                "first slot's Lambda-weighted row at Kaiming scale) or 'each' (every slot's)"})
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "name suffixes"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "name substrings to skip"})
 
@@ -51,6 +58,10 @@ class AdapterConfig:
                "init_rank", self.init_rank, f"use an integer in [1, r_max={self.r_max}]")
         _check(0 < self.q < 1, "q", self.q, "use a probability strictly between 0 and 1")
         _check(self.init in INITS, "init", self.init, f"choose one of {INITS}")
+        _check(self.slot_init in SLOT_INITS, "slot_init", self.slot_init,
+               f"choose one of {SLOT_INITS}")
+        _check(not (self.random_new_b and self.slot_init == "gradient"), "random_new_b",
+               self.random_new_b, "random new B columns need slot_init='random'")
         _check(len(self.targets) > 0, "targets", self.targets, "name at least one module suffix")
 
 
@@ -71,6 +82,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0
     checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints"})
+    task_norm: str = field(default="none", metadata={
+        "help": "'initial': divide the task loss by its mean over the first steps, so lambda_r "
+                "does not depend on the loss's units; 'none': the paper's raw loss"})
+    nu_signal: str = field(default="raw", metadata={
+        "help": "'normalized': the task part of nu's gradient is divided by its running RMS "
+                "over all components before lambda_r's pull is added; 'raw': the paper"})
+    nu_warmup: float = field(default=0.0, metadata={
+        "help": "fraction of the steps during which nu is frozen while the factors fit"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000, "steps", self.steps,
@@ -88,6 +107,12 @@ class TrainConfig:
             _check(isinstance(v, int) and 1 <= v <= 4096, name, v, "use an integer >= 1")
         _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
                "checkpoint_every", self.checkpoint_every, "use 0 (off) or a positive integer")
+        _check(self.task_norm in ("none", "initial"), "task_norm", self.task_norm,
+               "choose 'none' or 'initial'")
+        _check(self.nu_signal in ("raw", "normalized", "peak"), "nu_signal", self.nu_signal,
+               "choose 'raw', 'normalized' or 'peak'")
+        _check(isinstance(self.nu_warmup, (int, float)) and 0 <= self.nu_warmup < 1,
+               "nu_warmup", self.nu_warmup, "use a fraction of the steps in [0, 1)")
         _check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision",
                self.mixed_precision, "choose 'no', 'bf16' or 'fp16'")
 
@@ -99,8 +124,13 @@ class ExportConfig:
     key_style: str = field(default="kohya", metadata={"help": "'kohya', 'comfy' or 'diffusers'"})
     dtype: str = field(default="float32", metadata={"help": "'float32', 'float16', 'bfloat16'"})
     overwrite: bool = False
+    rank_tol: float = field(default=0.0, metadata={
+        "help": "export each module at the smallest rank whose relative Frobenius error is at "
+                "most this (its numerical rank: the SVD of B Lambda A); 0 = the trained rank D"})
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.rank_tol, (int, float)) and 0 <= self.rank_tol < 1, "rank_tol",
+               self.rank_tol, "use a relative error in [0, 1), e.g. 0.03")
         _check(self.key_style in KEY_STYLES, "key_style", self.key_style,
                f"choose one of {KEY_STYLES}")
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .io import LoraFileError, load_tensors, parse_json_metadata, save_tensors
+from ..lowrank import factor_svd, rank_for_tolerance, truncate
 from .keys import OTHER, UNetLayout, file_key
 
 FORMAT_VERSION = "1"
@@ -229,14 +230,30 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
             s = layer.slot_scale().float().sqrt()
             a = layer.A[: layer.rank].float() * s[:, None]  # (D, n)
             b = layer.B[:, : layer.rank].float() * s[None, :]  # (m, D)
-            if layer.is_conv:
-                a, b = a[:, :, None, None], b[:, :, None, None]
+            rank = layer.rank
+            if export.rank_tol > 0:  # the update's numerical rank, not the training capacity
+                rank = rank_for_tolerance(factor_svd(b, a)[1], export.rank_tol)
+                if rank:
+                    b, a = truncate(b, a, rank)
             key = file_key(name, export.key_style, layout)
-            modules[key] = ModuleWeights(a.to(dtype), b.to(dtype), float(layer.rank))
-            rec = {"key": key, "rank": layer.rank, "m": layer.m, "n": layer.n}
+            rec = {"key": key, "rank": rank, "trained_rank": layer.rank, "m": layer.m,
+                   "n": layer.n}
             if hasattr(layer, "nu_param"):
                 rec["nu"] = float(layer.nu)
             record[name] = rec
+            if rank == 0:  # Delta W is exactly zero: nothing to write, the record says so
+                continue
+            if layer.is_conv:
+                a, b = a[:, :, None, None], b[:, :, None, None]
+            modules[key] = ModuleWeights(a.to(dtype), b.to(dtype), float(rank))
+    if not modules:  # a file needs one module: keep the first, at rank 1 with zero factors
+        name, layer = next(iter(adapters.layers.items()))
+        key = record[name]["key"]
+        shape = (1, layer.n, 1, 1) if layer.is_conv else (1, layer.n)
+        modules[key] = ModuleWeights(torch.zeros(shape, dtype=dtype),
+                                     torch.zeros((layer.m, *shape[:1], *shape[2:]), dtype=dtype),
+                                     1.0)
+        record[name]["rank"] = 1
     meta = _metadata(adapters, record, layout, train_config, steps, export)
     meta["lora2.export_config"] = json.dumps(to_dict(export))
     meta.update(extra_metadata or {})
