@@ -35,9 +35,9 @@ class Resize:
 
 
 def dense_cap(m: int, n: int) -> int:
-    """Largest useful rank of an ``m x n`` update: at ``r (m + n) >= m n`` a dense ``Delta W``
-    would be no larger than its factors, so more rank only adds bytes."""
-    return max(1, (m * n) // (m + n))
+    """Largest useful rank of an ``m x n`` update: from ``r (m + n) >= m n`` on a dense
+    ``Delta W`` would be no larger than its factors, so more rank only adds bytes."""
+    return max(1, (m * n - 1) // (m + n))
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
@@ -261,8 +261,6 @@ class AdaptiveLoRALayer(LoRALayer):
     def slot_row_norms(self, scale: torch.Tensor) -> torch.Tensor:
         if self.config.slot_norm == "each":  # every slot's Lambda-weighted row at Kaiming norm
             return math.sqrt(2.0) / scale.clamp_min(1e-12)
-        if self.config.slot_norm == "sqrt":  # half way: the lag of the tail is sqrt(f / f_max)
-            return math.sqrt(2.0) / (scale * self.slot_scale().detach().max()).sqrt()
         return super().slot_row_norms(scale)
 
     def init_std(self) -> float:

@@ -91,7 +91,7 @@ class Trainer:
         self._stop = False
         # running statistics of the objective (checkpointed): the first steps' mean task loss
         # (task_norm="initial") and the EMA of the squared task gradient of nu ("normalized")
-        self.stats = {"loss_sum": 0.0, "loss_n": 0, "nu_sq": 0.0, "nu_n": 0, "nu_peak": 0.0}
+        self.stats = {"loss_sum": 0.0, "loss_n": 0, "nu_sq": 0.0, "nu_n": 0}
         self._set_checkpointing(adapters.model, config.grad_checkpointing)
         adapters.update_ranks(self.generator)  # D(nu) before the first step
         device = adapters.factor_parameters()[0].device
@@ -159,8 +159,9 @@ class Trainer:
         if self.config.task_norm == "none":
             return 1.0
         st = self.stats
-        if st["loss_n"] < self.NORM_STEPS and math.isfinite(float(task)):
-            st["loss_sum"] += float(task.detach())
+        value = float(task.detach())
+        if st["loss_n"] < self.NORM_STEPS and math.isfinite(value):
+            st["loss_sum"] += value
             st["loss_n"] += 1
         unit = st["loss_sum"] / max(st["loss_n"], 1)
         return unit if unit > 0 else 1.0
@@ -184,15 +185,10 @@ class Trainer:
         if math.isfinite(sq):
             st["nu_sq"] = self.NU_EMA * st["nu_sq"] + (1 - self.NU_EMA) * sq
             st["nu_n"] += 1
-        ms = st["nu_sq"] / (1 - self.NU_EMA ** max(st["nu_n"], 1))
-        st["nu_peak"] = max(st["nu_peak"], ms)
-        rms = math.sqrt(st["nu_peak"] if self.config.nu_signal == "peak" else ms)
+        rms = math.sqrt(st["nu_sq"] / (1 - self.NU_EMA ** max(st["nu_n"], 1)))  # bias-corrected
         if rms > 0:
             for p in params:
                 p.grad.div_(rms)
-
-    def _nu_frozen(self) -> bool:
-        return self.step < self.config.nu_warmup * self.config.steps
 
     def _accumulate_and_step(self, cfg: TrainConfig) -> dict:
         task_sum, ent_sum = 0.0, 0.0
@@ -227,9 +223,6 @@ class Trainer:
                 f"the loss became {total} at step {self.step + 1}; training stopped and the "
                 f"adapters are kept at step {self.step}" + (f" ({where})" if where else "")
                 + ": lower the learning rate or use mixed_precision='no'")
-        if self._nu_frozen():
-            for p in self.adapters.nu_parameters():
-                p.grad = None  # AdamW skips them: no step, no moment update
         self._optimizer_step()
         self.step += 1
         ranks = list(self.adapters.ranks().values())

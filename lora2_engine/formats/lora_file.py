@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .io import LoraFileError, load_tensors, parse_json_metadata, save_tensors
 from ..lowrank import factor_svd, rank_for_tolerance, truncate
+from .io import LoraFileError, load_tensors, parse_json_metadata, save_tensors
 from .keys import OTHER, UNetLayout, file_key
 
 FORMAT_VERSION = "1"
