@@ -6,6 +6,7 @@ usable image at all is an error that names the folder and each file's problem.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -127,8 +128,12 @@ def load_image(path: str | os.PathLike, resolution: int, mode: str = "crop") -> 
 
 
 def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
-                 mode: str = "crop") -> SubjectData:
-    """Read every image of ``folder``; a ``name.txt`` beside ``name.jpg`` overrides ``prompt``."""
+                 mode: str = "crop", within: str | os.PathLike | None = None) -> SubjectData:
+    """Read every image of ``folder``; a ``name.txt`` beside ``name.jpg`` overrides ``prompt``.
+
+    With ``within``, a file whose real path (symlinks resolved) leaves that folder is skipped
+    unopened, and its target is not named.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise SubjectDataError(f"{folder}: no such folder; give a folder of subject photos")
@@ -136,8 +141,8 @@ def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
         raise SubjectDataError(f"mode={mode!r}: choose 'crop' or 'bucket'")
     if not isinstance(resolution, int) or not 64 <= resolution <= 4096 or resolution % 8:
         raise SubjectDataError(f"resolution={resolution!r}: use a multiple of 8 in [64, 4096]")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images, skipped = [], []
+    files, skipped = _regular_files(folder, within)
+    images = []
     stems = set()
     for p in files:
         if p.suffix.lower() == ".txt":
@@ -161,6 +166,39 @@ def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
         raise SubjectDataError(f"{folder}: no usable image ({detail}). Add .jpg/.png/.webp "
                                "photos of the subject")
     return SubjectData(images, skipped, orphans)
+
+
+def _regular_files(folder: Path, within) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The folder's regular files, sorted; links that loop, dangle or leave ``within``, FIFOs,
+    sockets and devices are skipped with the reason (and never opened: a FIFO would block)."""
+    import stat
+
+    root = Path(within).resolve() if within is not None else None
+    files, skipped = [], []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            if root is not None and not path.resolve().is_relative_to(root):
+                skipped.append((entry.name, "links outside the allowed folder; not read"))
+                continue
+            mode = os.stat(path).st_mode
+        except RuntimeError:  # Python < 3.13: resolve() on a symlink loop
+            skipped.append((entry.name, "a symbolic link loop: remove or fix it"))
+            continue
+        except OSError as exc:
+            why = {errno.ELOOP: "a symbolic link loop", errno.ENOENT: "a broken symbolic link"}
+            skipped.append((entry.name, why.get(exc.errno, f"cannot be read ({exc.strerror})")
+                            + ": remove or fix it"))
+            continue
+        if stat.S_ISREG(mode):
+            files.append(path)
+        elif not stat.S_ISDIR(mode):
+            skipped.append((entry.name, "not a regular file (FIFO, socket or device); not read"))
+    return files, skipped
 
 
 def _caption_for(image_path: Path) -> str | None:

@@ -26,7 +26,7 @@ from lora2_engine.cli import main as cli
 from lora2_engine.config import ConfigError
 from lora2_engine.data import SubjectDataError, load_subject
 from lora2_engine.formats import LoraFileError, read_lora
-from lora2_engine.formats.io import safe_output_path
+from lora2_engine.formats.io import OutsideFolderError, resolve_inside, safe_output_path
 from lora2_engine.formats.lora_file import check_family, export_adapters
 from lora2_engine.merge import PadRankError, pad_lora
 
@@ -282,6 +282,64 @@ CASES = [
 ]
 
 
+def _elsewhere(d: Path) -> Path:
+    """A folder outside ``d`` (beside it) holding a file with a distinctive name."""
+    out = d.parent / "elsewhere"
+    out.mkdir(exist_ok=True)
+    _img(out / "secret_x9.png")
+    return out
+
+
+def _linked_out(d: Path) -> Path:
+    (d / "photos").symlink_to(_elsewhere(d), target_is_directory=True)
+    return d
+
+
+def _file_linked_out(d: Path) -> Path:
+    shutil.copy(DOG, d / "good.jpg")
+    (d / "a.png").symlink_to(_elsewhere(d) / "secret_x9.png")
+    return d
+
+
+def _loop_and_fifo(d: Path) -> Path:
+    import os
+
+    (d / "loop.jpg").symlink_to(d / "loop2.jpg")
+    (d / "loop2.jpg").symlink_to(d / "loop.jpg")
+    os.mkfifo(d / "pipe.png")
+    (d / "gone.png").symlink_to(d / "missing.png")
+    return d
+
+
+_OUTSIDE = r"is outside the folder this server allows: stay.*LORA2_ALLOW_ANY_FOLDER=1"
+CASES += [
+    # -- confinement of paths typed into a node (a ComfyUI server may face the network)
+    Case("folder-dotdot", lambda d: d, lambda a, o: resolve_inside(a, "../../etc", "folder",
+                                                                   "stay"),
+         OutsideFolderError, r"folder '\.\./\.\./etc' " + _OUTSIDE),
+    Case("folder-absolute", lambda d: d, lambda a, o: resolve_inside(a, "/etc", "folder",
+                                                                     "stay"),
+         OutsideFolderError, r"folder '/etc' " + _OUTSIDE),
+    Case("folder-home", lambda d: d, lambda a, o: resolve_inside(a, "~", "folder", "stay"),
+         OutsideFolderError, r"folder '~' " + _OUTSIDE),
+    Case("folder-symlinked-outside", _linked_out,
+         lambda a, o: resolve_inside(a, "photos", "folder", "stay"), OutsideFolderError,
+         r"folder 'photos' " + _OUTSIDE),
+    Case("folder-inside-with-dotdot", lambda d: (d / "a").mkdir() or d,
+         lambda a, o: resolve_inside(a, "a/../a", "folder", "stay").relative_to(a.resolve()),
+         None, r"^a$"),
+    Case("folder-outside-allowed-by-owner", lambda d: d,
+         lambda a, o: resolve_inside(a, "/etc", "folder", "stay", allow_outside=True), None,
+         r"^/etc$"),
+    Case("file-linked-outside-skipped", _file_linked_out,
+         lambda a, o: _warn(load_subject(a, "p", 64, within=a)), None,
+         r"^skipped a\.png: links outside the allowed folder; not read \| n=1$"),
+    Case("symlink-loop-fifo-dangling", _loop_and_fifo, lambda a, o: _subject(a),
+         SubjectDataError, r"gone\.png: a broken symbolic link: remove or fix it; loop\.jpg: a "
+         r"symbolic link loop.*pipe\.png: not a regular file \(FIFO, socket or device\)"),
+]
+
+
 def _listing(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
 
@@ -331,3 +389,15 @@ def test_export_under_disk_full_leaves_previous_file(tmp_path, monkeypatch):
         _lora(p, export=ExportConfig(overwrite=True))
     assert p.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+@pytest.mark.parametrize("value,allowed", [("1", True), ("yes", True), ("0", False),
+                                           ("", False)])
+def test_the_owner_allows_any_folder_with_an_environment_variable(tmp_path, monkeypatch,
+                                                                  value, allowed):
+    monkeypatch.setenv("LORA2_ALLOW_ANY_FOLDER", value)
+    if allowed:
+        assert resolve_inside(tmp_path, "/etc", "folder", "stay") == Path("/etc")
+    else:
+        with pytest.raises(OutsideFolderError, match="LORA2_ALLOW_ANY_FOLDER=1"):
+            resolve_inside(tmp_path, "/etc", "folder", "stay")

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# The server's owner sets this to let nodes read folders outside ComfyUI's own folders.
+ALLOW_ANY_FOLDER_ENV = "LORA2_ALLOW_ANY_FOLDER"
 
 
 class LoraFileError(ValueError):
@@ -89,6 +91,47 @@ def parse_json_metadata(meta: dict[str, str], key: str, path: Any = "file") -> A
         raise LoraFileError(
             f"{path}: metadata field {key!r} is not valid JSON ({exc}); the file was edited "
             "or damaged: export it again") from None
+
+
+class OutsideFolderError(ValueError):
+    """A path given to a node leaves the folder it is confined to."""
+
+
+def allow_any_folder() -> bool:
+    """True when the server's owner set ``LORA2_ALLOW_ANY_FOLDER=1`` (or true/yes/on)."""
+    return os.environ.get(ALLOW_ANY_FOLDER_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_inside(root: str | os.PathLike, user_path: str, what: str, fix: str,
+                   allow_outside: bool | None = None) -> Path:
+    """``user_path`` (relative to ``root``) resolved, refused unless it stays inside ``root``.
+
+    A ComfyUI server may be reachable by anyone on the network, so a path typed into a node
+    must not read or list the server's other folders. Symlinks are resolved before the check,
+    and the check runs before anything is opened: a refusal reveals nothing about what exists
+    outside. Absolute and outside paths pass only when ``allow_outside`` (default: the
+    ``LORA2_ALLOW_ANY_FOLDER`` environment variable) is set. ``fix`` says how to stay inside.
+    """
+    allow = allow_any_folder() if allow_outside is None else allow_outside
+    raw = user_path.strip() if isinstance(user_path, str) else ""
+    if not raw or "\x00" in raw:
+        raise OutsideFolderError(f"{what} {user_path!r} is empty or has a NUL byte: {fix}")
+    if allow:
+        path = Path(raw).expanduser()
+        return path if path.is_absolute() else Path(root) / path
+    refusal = OutsideFolderError(
+        f"{what} {raw!r} is outside the folder this server allows: {fix}. (To allow any "
+        f"folder, the server's owner can start ComfyUI with {ALLOW_ANY_FOLDER_ENV}=1.)")
+    if raw.startswith("~") or Path(raw).is_absolute() or os.path.splitdrive(raw)[0]:
+        raise refusal
+    base = Path(root).resolve()
+    try:
+        real = (base / raw).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise refusal from None
+    if real != base and not real.is_relative_to(base):
+        raise refusal
+    return real
 
 
 def safe_output_path(folder: str | os.PathLike, name: str,
