@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..lora2_engine.config import PRESETS, ExportConfig
-from ..lora2_engine.formats.io import resolve_inside
+from ..lora2_engine.formats.io import check_can_create, resolve_inside
 from ..lora2_engine.report import loss_figure
 from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 from . import bridge, core
@@ -130,6 +130,7 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
     state = bridge.checkpoint_folder() / f"{stem}{STATE}"
     if resume_path is None or state.resolve() != resume_path.resolve():
         state = core.free_path(bridge.checkpoint_folder(), stem, STATE)  # keep older states
+    check_can_create([p for p in (out, state) if p])  # writable, names fit: before training
     progress, previews = bridge.Progress(train_cfg.steps), []
     with torch.inference_mode(False):
         target = bridge.load_for_training(model)

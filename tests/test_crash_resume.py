@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL, or stopped with Ctrl-C, resumes to the very same adapter.
+"""A run killed with SIGKILL, or stopped with Ctrl-C or SIGTERM, resumes to the very same adapter.
 
 All three runs are CLI subprocesses with one thread each (same arithmetic), on the tiny
 SD1.5-shaped UNet at 64 px. Comparison: bit-identical tensors (torch.equal), CPU, fixed seed.
@@ -7,6 +7,7 @@ SD1.5-shaped UNet at 64 px. Comparison: bit-identical tensors (torch.equal), CPU
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,3 +90,29 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, reference):
     assert "Resume with: --resume" in err
     assert not list(tmp_path.glob("*.tmp"))
     _resume_and_compare(tmp_path, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, reference):
+    """docker stop, systemd and job schedulers send SIGTERM: treated as Ctrl-C."""
+    rc, err = _interrupt(tmp_path, signal.SIGTERM, after_step=3)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert "training cancelled by SIGTERM at step" in err and "Resume with: --resume" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    _resume_and_compare(tmp_path, reference)
+
+
+@pytest.mark.parametrize("delay_s", [0.4, 1.5])
+def test_ctrl_c_in_the_first_seconds_is_one_line(tmp_path, delay_s):
+    """Ctrl-C while Python imports torch or builds the model: one line and exit 130 (the
+    line depends on where it lands: before training, or a cancelled first step)."""
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert re.search(r"interrupted by Ctrl-C; no file was left half-written|training "
+                     r"cancelled by Ctrl-C at step", err), err[-2000:]
+    assert not (tmp_path / "run.safetensors").exists() and not list(tmp_path.glob(".*"))
