@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CHECKPOINT, SUBJECT
+from .conftest import CHECKPOINT
 
 SECRET = ("secret_a1.png", "secret_b2.txt", "secret_c3.jpg")
 
@@ -37,14 +37,17 @@ def _load_subject(folder: str) -> dict:
 
 
 def _resume(name: str) -> dict:
-    api = _load_subject(SUBJECT)
-    del api["2"]
-    api["3"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}
-    api["4"] = {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
-        "model": ["3", 0], "clip": ["3", 1], "vae": ["3", 2], "subject": ["1", 0],
-        "preset": "spread", "steps": 2, "learning_rate": 0.0, "r_target": 0.0, "seed": 0,
-        "filename": "", "resume": name}}
-    return api
+    """Training from LATENT + CONDITIONING (no LoadSubjectImages: its cached output would hide
+    its UI text from the later workflow test) with ``resume`` set."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "sks"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                           "batch_size": 1}},
+        "4": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
+            "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "preset": "spread",
+            "steps": 2, "learning_rate": 0.0, "r_target": 0.0, "seed": 0, "filename": "",
+            "resume": name}}}
 
 
 def _error_text(server, api: dict) -> str:
