@@ -34,10 +34,24 @@ def _subject_folder(subject: str) -> Path:
     raise SystemExit(f"subject {subject!r}: not a folder, and not in {ASSETS} or {SHARED}")
 
 
+def _text(name: str) -> str:
+    """A folder name used as a word of the prompt must be real text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ValueError(f"the folder name '{shown}' is not UTF-8 text, so it cannot be the "
+                         "class noun: pass --class-noun (e.g. --class-noun dog), or rename the "
+                         "folder") from None
+    return name
+
+
 def _class_noun(folder: Path, default: str) -> str:
+    from .data import read_text_file
+
     table = folder.parent / "prompts_and_classes.txt"
     if table.is_file():
-        for line in table.read_text().splitlines():
+        for line in read_text_file(table).splitlines():
             parts = line.strip().split(",")
             if len(parts) == 2 and parts[0] == folder.name:
                 return parts[1]
@@ -47,19 +61,10 @@ def _class_noun(folder: Path, default: str) -> str:
 def _train(args, folder: Path, out_dir: Path) -> int:
     from .data import instance_prompt, load_subject
     from .diffusion import train_unet
-    from .formats.io import safe_output_path
     from .models.loader import load_model
+    from .runfiles import RunFiles
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
-    target = safe_output_path(out_dir, args.name)  # refuse a bad name before any work
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists: choose another --name or --out, or "
-                              "pass --overwrite")
-    noun = args.class_noun or _class_noun(folder, folder.name.rstrip("0123456789_"))
-    prompt = instance_prompt(args.token, noun)
-    data = load_subject(folder, prompt, args.resolution)
-    for w in data.warnings():
-        print("warning:", w, file=sys.stderr)
     overrides = {"steps": args.steps, "seed": args.seed}
     for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
               "checkpoint_every"):
@@ -67,23 +72,30 @@ def _train(args, folder: Path, out_dir: Path) -> int:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    # every file the run will write, checked before any work (name, folder, resume file)
+    RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
+    noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
+    prompt = instance_prompt(args.token, noun)
+    data = load_subject(folder, prompt, args.resolution)
+    for w in data.warnings():
+        _say(f"warning: {w}")
     model = load_model(args.model)
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
-    print(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
-          f"(model {args.model}, preset {args.preset})")
+    _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
+         f"(model {args.model}, preset {args.preset})", sys.stdout)
     bar, on_step = _progress(train_cfg.steps)
     t0 = time.perf_counter()
     try:
         out = train_unet(model.unet, examples, adapter_cfg, train_cfg, out_dir, args.name,
                          export, model.schedule, Callbacks(on_step=on_step), args.resume,
-                         model.layout, model.predict)
+                         model.layout, model.predict, resume_force=args.resume_force)
     except TrainingInterrupted as exc:
         bar.close()
-        print(f"\n{exc}. Resume with: --resume {exc.checkpoint}", file=sys.stderr)
-        return 130
+        _say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
+        return 128 + (exc.signal or 2)
     except NonFiniteLoss as exc:
         bar.close()
-        print(f"\nerror: {exc}", file=sys.stderr)
+        _say(f"\nerror: {exc}")
         return 1
     finally:
         bar.close()
@@ -91,8 +103,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
-    for p in (out.lora, out.report_json, out.rank_map, out.loss_plot):
-        print("wrote", p)
+    for p in (out.lora, out.report_json, out.rank_map, out.loss_plot, out.config_json):
+        _say(f"wrote {p}", sys.stdout)
     return 0
 
 
@@ -114,12 +126,13 @@ def cmd_report(args) -> int:
 
     lora = read_lora(args.file)
     rep = report_from_file(lora)
-    print(f"{args.file}: style {lora.style}, family {lora.family() or 'unknown'}, "
-          f"{'LoRA2' if lora.lora2_modules() else 'not a LoRA2 file (no lora2 metadata)'}")
-    print(rep.table())
+    _say(f"{args.file}: style {lora.style}, family {lora.family() or 'unknown'}, "
+         f"{'LoRA2' if lora.lora2_modules() else 'not a LoRA2 file (no lora2 metadata)'}",
+         sys.stdout)
+    _say(rep.table(), sys.stdout)
     if args.png:
         save_figure(rank_map_figure(rep, Path(args.file).name), args.png, overwrite=False)
-        print("wrote", args.png)
+        _say(f"wrote {args.png}", sys.stdout)
     return 0
 
 
@@ -133,7 +146,8 @@ def cmd_pad(args) -> int:
     rank = next(iter(padded.modules.values())).rank
     dest = Path(args.out) if args.out else src.with_name(f"{src.stem}_r{rank}.safetensors")
     write_lora(padded, dest, overwrite=args.overwrite)
-    print(f"padded {len(padded.modules)} modules to rank {rank} (alpha rescaled) → {dest}")
+    _say(f"padded {len(padded.modules)} modules to rank {rank} (alpha rescaled) → {dest}",
+         sys.stdout)
     return 0
 
 
@@ -150,6 +164,8 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--resume", default=None, help="a .state.safetensors checkpoint")
+    p.add_argument("--resume-force", action="store_true",
+                   help="resume even though settings or photos differ from the state's")
     for k, t in (("lr", float), ("nu-lr", float), ("lambda-r", float), ("lambda-e", float),
                  ("r-target", float), ("init-rank", int), ("r-max", int),
                  ("checkpoint-every", int)):
@@ -176,23 +192,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("pad", help="zero-pad every module to one rank for merge tools")
     p.add_argument("file")
-    p.add_argument("--rank", type=int, default=None, help="target rank (default: the largest)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="target rank (default: the largest; at most 4096)")
     p.add_argument("--out", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pad)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import SubjectDataError
-    from .formats.io import LoraFileError
-    from .merge import PadRankError
+def _say(msg: str, stream=None) -> None:
+    """Print one line that survives any name: undecodable bytes are shown as ``\\xff``."""
+    stream = stream or sys.stderr
+    enc = getattr(stream, "encoding", None) or "utf-8"
+    raw = msg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    print(raw.encode(enc, "backslashreplace").decode(enc), file=stream, flush=True)
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training: handled like Ctrl-C (training handles both itself)."""
+
+
+def _on_sigterm(_sig, _frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. The one error boundary of the CLI: every failure is one line that
+    names the culprit and the fix, never a traceback (``LORA2_DEBUG=1`` shows them). Nothing
+    heavy is imported before the ``try``, so even a Ctrl-C while torch loads is caught."""
+    import os
+    import signal
+    import threading
+    import warnings
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    debug = os.environ.get("LORA2_DEBUG", "") not in ("", "0")
+    formatwarning = warnings.formatwarning  # engine warnings as one "warning: ..." line
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ConfigError, SubjectDataError, LoraFileError, PadRankError, FileExistsError,
-            ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # the pack's errors (ConfigError, LoraFileError...) are these
+        if debug:
+            raise
+        _say(f"error: {exc}")
         return 2
+    except OSError as exc:  # disk full, read-only, name too long, a file where a folder goes...
+        if debug:
+            raise
+        from .formats.io import explain_oserror  # (imported here: torch loads with it)
+
+        _say(f"error: {explain_oserror(exc)}")
+        return 2
+    except KeyboardInterrupt as exc:  # before or after training (training handles its own)
+        if debug:
+            raise
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        _say(f"\ninterrupted by {how}; no file was left half-written")
+        return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # a bug: one line, and where to report it
+        if debug:
+            raise
+        _say(f"error: unexpected {type(exc).__name__}: {exc}. This is a bug in LoRA2: please "
+             "report it with the command you ran (LORA2_DEBUG=1 shows the traceback)")
+        return 1
+    finally:
+        warnings.formatwarning = formatwarning
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, ExportConfig, TrainConfig, to_dict
-from .formats.io import safe_output_path
 from .formats.keys import OTHER, UNetLayout
-from .formats.lora_file import export_adapters
+from .formats.lora_file import adapters_to_lora, lora_bytes
 from .inject import Adapters, attach
 from .objective import EntropyCapture
-from .report import loss_figure, rank_map_figure, report_from_adapters, save_figure, save_json
+from .report import figure_png, loss_figure, rank_map_figure, report_bytes, report_from_adapters
+from .runfiles import RunFiles
 from .schedule import Schedule, diffusion_loss
 from .trainer import Callbacks, Trainer
 
@@ -69,53 +69,56 @@ class RunOutputs:
     checkpoint: Path
     history: list[dict] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
+    config_json: Path | None = None
 
 
 def train_unet(unet: nn.Module, examples: list[dict], adapter_cfg: AdapterConfig,
                train_cfg: TrainConfig, out_dir: str | os.PathLike, name: str = "lora2",
                export: ExportConfig | None = None, schedule: Schedule | None = None,
                callbacks: Callbacks | None = None, resume: str | os.PathLike | None = None,
-               layout: UNetLayout | None = None, predict=None) -> RunOutputs:
+               layout: UNetLayout | None = None, predict=None,
+               resume_force: bool = False) -> RunOutputs:
     """Train adaptive adapters on ``unet`` and write adapter, reports and plots to ``out_dir``.
 
-    Nothing existing is overwritten unless ``export.overwrite``; a checkpoint
-    ``<name>.state.safetensors`` is kept on cancel, on a non-finite loss and every
-    ``checkpoint_every`` steps, and removed after a successful export. ``predict`` defaults
-    to :func:`ldm_predict` (tiny and ComfyUI-layout UNets); diffusers UNets bring their own.
+    The files are ``<name>.safetensors`` and ``<name>.*`` side files (see ``runfiles``),
+    checked before training and written as one set. Nothing existing is overwritten unless
+    ``export.overwrite``; a checkpoint ``<name>.state.safetensors`` is kept on cancel, on a
+    non-finite loss and every ``checkpoint_every`` steps, and removed after a successful
+    export. ``predict`` defaults to :func:`ldm_predict` (tiny and ComfyUI-layout UNets);
+    diffusers UNets bring their own.
     """
     export = export or ExportConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lora_path = safe_output_path(out, name)
-    paths = RunOutputs(lora_path, out / "rank_report.json", out / "rank_report.png",
-                       out / "loss.png", lora_path.with_name(lora_path.stem + ".state.safetensors"))
-    if paths.lora.exists() and not export.overwrite:
-        raise FileExistsError(f"{paths.lora} already exists: choose another name or pass "
-                              "overwrite")
+    run = RunFiles.plan(out_dir, name, overwrite=export.overwrite, resume=resume)
+    paths = RunOutputs(run.adapter, run.report_json, run.rank_map, run.loss_plot, run.state,
+                       config_json=run.config_json)
     layout = layout or layout_of(unet)
     adapters: Adapters = attach(unet, adapter_cfg, seed=train_cfg.seed)
     entropy = EntropyCapture(unet)
     try:
+        run.reserve()
+        run.check_space(run.needed_bytes(adapters.factor_parameters()))
         predict = predict or ldm_predict(unet)
         trainer = Trainer(adapters, diffusion_loss(predict, schedule or Schedule()),
                           examples, train_cfg, entropy=entropy, checkpoint_path=paths.checkpoint,
                           callbacks=callbacks)
         if resume:
-            trainer.load_checkpoint(resume)
+            trainer.load_checkpoint(resume, allow_changes=resume_force)
         history = trainer.run()
-        extra = {"lora2.name": name, "ss_output_name": name}
-        export_adapters(adapters, paths.lora, export, layout, train_cfg, trainer.step, extra)
-        report = report_from_adapters(adapters)
-        save_json(report, paths.report_json, overwrite=True)
-        save_figure(rank_map_figure(report, f"{name}: learned rank per component"),
-                    paths.rank_map, overwrite=True)
-        save_figure(loss_figure(history, f"{name}: loss"), paths.loss_plot, overwrite=True)
+        with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held; state kept
+            extra = {"lora2.name": name, "ss_output_name": name}
+            lora = adapters_to_lora(adapters, export, layout, train_cfg, trainer.step, extra)
+            report = report_from_adapters(adapters)
+            config = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
+                      "export": to_dict(export)}
+            run.publish(lora_bytes(lora), {
+                run.report_json: report_bytes(report),
+                run.rank_map: figure_png(rank_map_figure(report, f"{name}: learned rank per "
+                                                                 "component")),
+                run.loss_plot: figure_png(loss_figure(history, f"{name}: loss")),
+                run.config_json: json.dumps(config, indent=1).encode()})
         paths.history, paths.ranks = history, adapters.ranks()
-        paths.checkpoint.unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(
-            {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
-             "export": to_dict(export)}, indent=1))
         return paths
     finally:
         entropy.remove()
         adapters.detach()
+        run.release()

@@ -79,9 +79,13 @@ def report_from_file(lora: LoraFile) -> RankReport:
     return RankReport(rows, bpp)
 
 
+def report_bytes(report: RankReport) -> bytes:
+    """The report as the JSON file holds it."""
+    return json.dumps(report.to_json(), indent=1).encode()
+
+
 def save_json(report: RankReport, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    data = json.dumps(report.to_json(), indent=1).encode()
-    return atomic_write_bytes(path, data, overwrite=overwrite)
+    return atomic_write_bytes(path, report_bytes(report), overwrite=overwrite)
 
 
 _BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks|down_blocks|mid_block|up_blocks)"
@@ -151,7 +155,8 @@ def loss_figure(history: list[dict], title: str = "training loss"):
     return fig
 
 
-def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
     import io
 
     import matplotlib.pyplot as plt
@@ -159,4 +164,8 @@ def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    return atomic_write_bytes(path, figure_png(fig), overwrite=overwrite)

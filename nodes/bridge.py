@@ -19,6 +19,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..lora2_engine.formats.io import allow_any_folder, resolve_inside
 from ..lora2_engine.formats.keys import UNetLayout
 from .core import Subject, match_peft_names, to_image_batch
 
@@ -29,9 +30,16 @@ CHECKPOINT_FOLDER = "lora2_checkpoints"
 
 # ------------------------------------------------------------------ folders
 def input_folder(folder: str) -> Path:
-    """An absolute folder, or one relative to ComfyUI's input directory."""
-    path = Path(folder.strip()).expanduser()
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+    """A folder inside ComfyUI's input directory (symlinks resolved; see ``resolve_inside``);
+    absolute or outside folders only when the server's owner set LORA2_ALLOW_ANY_FOLDER=1."""
+    return resolve_inside(folder_paths.get_input_directory(), folder, "folder",
+                          "put the photos in a sub-folder of ComfyUI/input and give its name, "
+                          "e.g. 'subject'")
+
+
+def input_root() -> Path | None:
+    """The folder a subject's files must stay in (``None``: the owner allows any folder)."""
+    return None if allow_any_folder() else Path(folder_paths.get_input_directory())
 
 
 def loras_folder() -> Path:

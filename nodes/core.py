@@ -68,12 +68,14 @@ def lora_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
     return lora.state_dict(alphas=True)
 
 
-def subject_from_folder(folder: str | Path, prompt: str, resolution: int, mode: str) -> Subject:
-    """Every readable image of ``folder`` (kohya ``name.txt`` captions override ``prompt``)."""
+def subject_from_folder(folder: str | Path, prompt: str, resolution: int, mode: str,
+                        within: str | Path | None = None) -> Subject:
+    """Every readable image of ``folder`` (kohya ``name.txt`` captions override ``prompt``);
+    files linking outside ``within`` are skipped unread."""
     from ..lora2_engine.data import SubjectDataError, load_subject
 
     try:
-        data = load_subject(folder, prompt, resolution, mode)
+        data = load_subject(folder, prompt, resolution, mode, within)
     except SubjectDataError as exc:
         raise ValueError(str(exc)) from None
     return Subject([im.pixels for im in data.images], [im.caption for im in data.images],

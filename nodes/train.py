@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..lora2_engine.config import PRESETS, ExportConfig
+from ..lora2_engine.formats.io import check_can_create, resolve_inside
 from ..lora2_engine.report import loss_figure
 from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 from . import bridge, core
@@ -129,6 +130,7 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
     state = bridge.checkpoint_folder() / f"{stem}{STATE}"
     if resume_path is None or state.resolve() != resume_path.resolve():
         state = core.free_path(bridge.checkpoint_folder(), stem, STATE)  # keep older states
+    check_can_create([p for p in (out, state) if p])  # writable, names fit: before training
     progress, previews = bridge.Progress(train_cfg.steps), []
     with torch.inference_mode(False):
         target = bridge.load_for_training(model)
@@ -173,12 +175,15 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
 
 
 def _resume_path(resume: str) -> Path | None:
+    """A state in output/lora2_checkpoints (anywhere only with LORA2_ALLOW_ANY_FOLDER=1)."""
     if not resume.strip():
         return None
-    path = Path(resume.strip()).expanduser()
-    if not path.is_absolute():
-        path = bridge.checkpoint_folder() / core.safe_relative_name(resume, STATE)
+    folder = bridge.checkpoint_folder()
+    fix = f"give the name of a {STATE} file in output/{bridge.CHECKPOINT_FOLDER}"
+    name = resume.strip()
+    name += "" if name.lower().endswith(STATE) else STATE
+    path = resolve_inside(folder, name, "resume", fix)
     if not path.is_file():
-        raise ValueError(f"resume: {path} does not exist; pick a .state.safetensors from "
-                         f"{bridge.checkpoint_folder()}")
+        raise ValueError(f"resume: {resume.strip()!r} is not in output/"
+                         f"{bridge.CHECKPOINT_FOLDER}: {fix}")
     return path

@@ -7,6 +7,7 @@ a different rank per module; diffusers/PEFT get ``rank_pattern``/``alpha_pattern
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,13 @@ from typing import Any
 
 import torch
 
-from .io import LoraFileError, load_tensors, parse_json_metadata, save_tensors
+from .io import (
+    LoraFileError,
+    atomic_write_bytes,
+    load_tensors,
+    parse_json_metadata,
+    tensors_bytes,
+)
 from .keys import OTHER, UNetLayout, file_key
 
 FORMAT_VERSION = "1"
@@ -120,11 +127,15 @@ def _write_key(prefix: str, role: str, style: str) -> str:
 
 def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``lora`` in its own key style, atomically."""
-    tensors = lora.state_dict()
+    return atomic_write_bytes(path, lora_bytes(lora), overwrite=overwrite)
+
+
+def lora_bytes(lora: LoraFile) -> bytes:
+    """The ``.safetensors`` file ``write_lora`` writes, as bytes."""
     meta = dict(lora.metadata)
     if lora.style == "diffusers":
         meta["lora_adapter_metadata"] = json.dumps(_peft_config(lora))
-    return save_tensors(path, tensors, meta, overwrite=overwrite)
+    return tensors_bytes(lora.state_dict(), meta)
 
 
 def _peft_config(lora: LoraFile) -> dict[str, Any]:
@@ -169,15 +180,12 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             missing = "up" if "down" in p else "down"
             raise LoraFileError(f"{path}: module {prefix!r} has no {missing} matrix; the file "
                                 "is incomplete: export it again")
-        down, up = p["down"], p["up"]
-        if down.shape[0] != up.shape[1]:
-            raise LoraFileError(f"{path}: module {prefix!r} has down {tuple(down.shape)} and up "
-                                f"{tuple(up.shape)} of different ranks; the file is damaged")
-        alpha = float(p["alpha"]) if "alpha" in p else None
-        modules[prefix] = ModuleWeights(down, up, alpha)
+        modules[prefix] = _module(prefix, p, path)
+    _check_finite(modules, path)
     if not modules:
         raise LoraFileError(f"{path}: no LoRA modules (lora_down/lora_up or lora_A/lora_B "
                             "pairs) found: this is not a LoRA file")
+    _check_metadata(meta, path)
     if "diffusers" in styles:
         style = "diffusers"
         _apply_peft_alphas(modules, meta, path)
@@ -186,6 +194,85 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     else:
         style = "kohya"
     return LoraFile(modules, style, meta, extra, path)
+
+
+def _module(prefix: str, p: dict[str, torch.Tensor], path) -> ModuleWeights:
+    """One module's tensors checked: float matrices (2-D, or 4-D conv) of one rank > 0, and
+    a scalar alpha; the message names the module and what is wrong."""
+    down, up, alpha = p["down"], p["up"], p.get("alpha")
+    what = None
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        what = f"down {tuple(down.shape)} and up {tuple(up.shape)} are not 2-D (or 4-D) matrices"
+    elif not (down.is_floating_point() and up.is_floating_point()):
+        what = f"down/up have dtype {down.dtype}/{up.dtype}, not floating point"
+    elif down.shape[0] != up.shape[1]:
+        what = (f"down {tuple(down.shape)} and up {tuple(up.shape)} have different ranks")
+    elif down.shape[0] == 0:
+        what = "rank 0 (empty matrices)"
+    elif alpha is not None and (alpha.numel() != 1 or not math.isfinite(float(alpha.flatten()[0]))):
+        what = f"an alpha of shape {tuple(alpha.shape)} (a single finite number is expected)"
+    if what:
+        raise LoraFileError(f"{path}: module {prefix!r} has {what}; the file is damaged: "
+                            "export it again")
+    return ModuleWeights(down, up, None if alpha is None else float(alpha.flatten()[0]))
+
+
+def _check_finite(modules: dict[str, ModuleWeights], path) -> None:
+    """A LoRA with NaN/inf weights would turn every image black: refuse it by name."""
+    bad = [k for k, w in modules.items()
+           if not (torch.isfinite(w.down).all() and torch.isfinite(w.up).all())]
+    if bad:
+        raise LoraFileError(f"{path}: {len(bad)} of {len(modules)} modules hold NaN or inf "
+                            f"(e.g. {bad[0]!r}): its training diverged or the file is damaged; "
+                            "train it again with a lower learning rate")
+
+
+# Metadata fields this pack reads → the JSON type each must have (other tools' fields are
+# passed through untouched).
+_META_JSON = {"lora2.modules": dict, "lora2.layout": dict, "lora2.adaptive": bool,
+              "lora2.adapter_config": dict, "lora2.train_config": dict,
+              "lora2.export_config": dict, "lora2.steps": int, "lora2.padded_to": int,
+              "lora2.original_ranks": dict, "lora_adapter_metadata": dict}
+_NUMBER = (int, float)
+
+
+def _check_metadata(meta: dict[str, str], path) -> None:
+    """Every metadata field we read parses to its JSON type, down to the per-module records."""
+    def bad(key: str, want: str):
+        return LoraFileError(f"{path}: metadata field {key!r} is not {want}; the file was "
+                             "edited or damaged: export it again (or remove that field)")
+
+    values = {k: parse_json_metadata(meta, k, path) for k in _META_JSON if k in meta}
+    for key, value in values.items():
+        kind = _META_JSON[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise bad(key, f"a JSON {kind.__name__}")
+    for name, rec in (values.get("lora2.modules") or {}).items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("key", ""), str) or \
+                not _is_count(rec.get("rank", 0)) or \
+                not isinstance(rec.get("nu", 0.0), _NUMBER) or isinstance(rec.get("nu"), bool):
+            raise bad("lora2.modules", f"a valid record for {name!r} (key, rank, nu)")
+    peft = {k.removeprefix("unet."): v for k, v in
+            (values.get("lora_adapter_metadata") or {}).items()}
+    if "r" in peft and (not _is_count(peft["r"]) or peft["r"] == 0):
+        raise bad("lora_adapter_metadata", "valid: its r must be a rank > 0")
+    if "lora_alpha" in peft and not _is_number(peft["lora_alpha"]):
+        raise bad("lora_adapter_metadata", "valid: its lora_alpha must be a number")
+    for key, check in (("rank_pattern", lambda v: _is_count(v) and v > 0),
+                       ("alpha_pattern", _is_number)):
+        pattern = peft.get(key)
+        if pattern is not None and (not isinstance(pattern, dict)
+                                    or not all(check(v) for v in pattern.values())):
+            raise bad("lora_adapter_metadata", f"valid: its {key} must map module names "
+                      "to numbers")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, _NUMBER) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _apply_peft_alphas(modules: dict[str, ModuleWeights], meta: dict[str, str], path) -> None:

@@ -37,12 +37,29 @@ def load_model(spec: str) -> ModelBundle:
         return _tiny(spec.removeprefix("tiny-"))
     path = Path(spec)
     if path.is_dir() and (path / "model_index.json").is_file():
+        _check_pipeline_index(path / "model_index.json")
         return _diffusers(path)
     if path.is_file():
         raise ValueError(
             f"{path}: single-file checkpoints are loaded by ComfyUI (use the TrainAdaptiveLoRA "
             "node); on the command line give a diffusers pipeline folder (with model_index.json)")
     raise ValueError(f"--model {spec!r}: use tiny-sdxl, tiny-sd15 or a diffusers pipeline folder")
+
+
+def _check_pipeline_index(index: Path) -> None:
+    """A readable ``model_index.json`` naming a UNet, or a message (not diffusers' traceback)."""
+    import json
+
+    from ..data import read_text_file
+
+    try:
+        data = json.loads(read_text_file(index))
+    except ValueError as exc:
+        raise ValueError(f"{index}: not valid JSON ({exc}): restore it from the model's "
+                         "download") from None
+    if not isinstance(data, dict) or "unet" not in data:
+        raise ValueError(f"{index}: names no 'unet': give the folder of an SD1.x/SDXL "
+                         "diffusers pipeline")
 
 
 def _tiny(family: str) -> ModelBundle:
@@ -58,7 +75,12 @@ def _tiny(family: str) -> ModelBundle:
 def _diffusers(path: Path) -> ModelBundle:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: diffusers cannot load this pipeline ({type(exc).__name__}: "
+                         f"{str(exc)[:300]}): check that the folder is a complete SD1.x/SDXL "
+                         "diffusers pipeline") from None
     unet = pipe.unet
     sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     family = "sdxl" if sdxl else ("sd15" if unet.config.cross_attention_dim == 768 else "other")
