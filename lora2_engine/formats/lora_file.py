@@ -118,12 +118,17 @@ def _write_key(prefix: str, role: str, style: str) -> str:
     return prefix + {"down": ".lora_down.weight", "up": ".lora_up.weight"}[role]
 
 
-def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``lora`` in its own key style, atomically."""
-    tensors = lora.state_dict()
+def lora_contents(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`write_lora` stores (size budgets measure exactly these)."""
     meta = dict(lora.metadata)
     if lora.style == "diffusers":
         meta["lora_adapter_metadata"] = json.dumps(_peft_config(lora))
+    return lora.state_dict(), meta
+
+
+def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``lora`` in its own key style, atomically."""
+    tensors, meta = lora_contents(lora)
     return save_tensors(path, tensors, meta, overwrite=overwrite)
 
 
