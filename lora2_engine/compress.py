@@ -214,7 +214,8 @@ def _fit_bytes(template, spectra, budget, dtype, provenance, min_rank):
         data = serialize(lora)
         if len(data) <= budget.value:
             return ranks, lora, data
-        target -= len(data) - budget.value  # the header grew (wider numbers): spend less
+        spent = sum(ranks[k] * costs[k] for k in ranks)
+        target = spent - (len(data) - budget.value)  # the header grew (wider numbers)
     raise BudgetError(f"could not fit {budget.describe()} after 8 tries; please report this")
 
 
