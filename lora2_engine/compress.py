@@ -249,10 +249,12 @@ def _result(lora, data, spectra, ranks, budget, names, before, source_bytes) -> 
             f"{len(capped)} module(s) stop at the dense cost (rank r with r (m + n) >= m n would "
             f"store more than Delta W itself), e.g. {capped[0].key} at rank {capped[0].rank}; "
             "they stay LoRA modules so every loader reads the file")
-    exact = all(ranks[k] >= min(s.numerical_rank, s.dense_cap) for k, s in spectra.items())
+    full = all(ranks[k] >= s.max_rank for k, s in spectra.items())
     if budget.kind == "bytes" and len(data) < LOWER_BOUND * budget.value:
-        why = ("every direction is kept: the exact result is smaller than the budget" if exact
-               else "the next direction of any module would exceed the budget")
+        why = ("the next direction of any module would exceed the budget" if not full else
+               "every direction is kept: the exact result is smaller than the budget"
+               if not capped else "every module is at its largest useful rank (all its "
+               "directions, or the dense cost)")
         res.notes.append(f"the file is {len(data) / budget.value:.1%} of the budget: {why}")
     if budget.kind == "error" and err > budget.value:
         res.notes.append(f"error {err:.4g} > tolerance {budget.value:g}: the dense caps stop it")
