@@ -246,3 +246,16 @@ def test_unconvertible_lycoris_is_refused_and_writes_nothing(tmp_path, capsys, m
 def test_compress_refuses_an_empty_budget_in_the_api(source):
     with pytest.raises(BudgetError, match="below the smallest file"):
         compress(source, Budget.of_bytes(1000))
+
+
+def test_readme_budget_example_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    example = next(b for b in blocks if "Budget.of_bytes" in b)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)  # makes the LoRA file `path`
+    exec(compile(example, "README.md", "exec"), ns)
+    assert 0.98 * 4000 <= os.path.getsize(ns["path"].with_name("mine_small.safetensors")) <= 4000
