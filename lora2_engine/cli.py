@@ -185,6 +185,22 @@ def cmd_merge(args) -> int:
     return _write_result(result, dest, args.overwrite)
 
 
+def cmd_extract(args) -> int:
+    from .compress import SAVE_DTYPES
+    from .extract import extract_files
+    from .formats.keys import KNOWN_LAYOUTS, OTHER
+
+    budget = _budget(args)
+    tuned = Path(args.tuned)
+    dest = Path(args.out) if args.out else tuned.with_name(f"{tuned.stem}_lora.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    result = extract_files(args.base, tuned, budget, style=args.key_style,
+                           layout=KNOWN_LAYOUTS.get(args.family, OTHER),
+                           dtype=SAVE_DTYPES[args.dtype or "float16"])
+    return _write_result(result, dest, args.overwrite)
+
+
 def _budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--size-mb", type=float, help="file size on disk in MB (10^6 bytes), "
@@ -258,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="DARE's random drop")
     _budget_args(p)
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("extract", help="extract an adaptive-rank LoRA from a fine-tuned model "
+                       "(tuned - base) under a size budget")
+    p.add_argument("base", help="the base model (.safetensors)")
+    p.add_argument("tuned", help="the fine-tuned model (.safetensors, same architecture)")
+    p.add_argument("--family", default="other", choices=("sd15", "sdxl", "other"),
+                   help="names the modules the way loaders expect for this family")
+    p.add_argument("--key-style", default="comfy", choices=cfgmod.KEY_STYLES,
+                   help="comfy (default: ComfyUI maps every module), kohya or diffusers")
+    _budget_args(p)
+    p.set_defaults(func=cmd_extract)
     return ap
 
 

@@ -162,3 +162,24 @@ def test_lycoris_conversion_matches_comfyui_adapters(comfy_ready, tmp_path):
         got = (w.up.flatten(1).double() @ w.down.flatten(1).double() * w.scale)
         r = ref[key].double().flatten(1)
         assert torch.allclose(got, r, atol=1e-4 * float(r.abs().max())), key
+
+
+def test_extracted_lora_loads_in_stock_loader(server, checkpoint_file):
+    """tuned = the test checkpoint with changed attention, feed-forward and conv weights."""
+    from lora2_engine.cli import main
+
+    sd = load_file(str(checkpoint_file))
+    g = torch.Generator().manual_seed(0)
+    for name in ("input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+                 "output_blocks.1.1.transformer_blocks.0.ff.net.0.proj",
+                 "input_blocks.1.0.in_layers.2", "middle_block.1.proj_in"):
+        w = sd[f"model.diffusion_model.{name}.weight"]
+        sd[f"model.diffusion_model.{name}.weight"] = w + 0.01 * torch.randn(
+            w.shape, generator=g).to(w.dtype)
+    tuned = server.base / "tuned.safetensors"
+    save_file(sd, str(tuned))
+    out = server.base / "models" / "loras" / "budget" / "extracted.safetensors"
+    assert main(["extract", str(checkpoint_file), str(tuned), "--size-mb", "0.5", "--family",
+                 "sd15", "--out", str(out)]) == 0
+    assert len([k for k in load_file(str(out)) if k.endswith("lora_down.weight")]) == 4
+    assert _load_in_stock_loader(server, "budget/extracted.safetensors") == []
