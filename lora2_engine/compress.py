@@ -177,8 +177,8 @@ def build(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mapping[st
     return LoraFile(modules, template.style, meta, dict(template.extra))
 
 
-def choose_ranks(spectra: Mapping[str, Spectrum], budget: Budget, *, min_rank: int = 1,
-                 fit_bytes=None) -> dict[str, int]:
+def choose_ranks(spectra: Mapping[str, Spectrum], budget: Budget, *, min_rank: int = 1
+                 ) -> dict[str, int]:
     """Ranks for a params or error budget (bytes go through :func:`_fit_bytes`)."""
     sv = {k: s.s for k, s in spectra.items()}
     costs = {k: s.rank_cost for k, s in spectra.items()}

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conftest import CHECKPOINT
 from .harness import find_testbed
-from .test_server import not_loaded
+from .test_server import not_loaded, stock_loader_graph
 
 EXPECTED = {
     "LoRA2_CompressLoRA": ({"size_mb": "FLOAT", "filename": "STRING"},
@@ -66,22 +65,7 @@ def test_object_info_declares_the_node(server, node_id):
 
 def _load_in_stock_loader(server, name: str) -> list[str]:
     start = len(server.log())
-    api = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-        "2": {"class_type": "LoraLoader", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "lora_name": name,
-            "strength_model": 1.0, "strength_clip": 1.0}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "sks dog", "clip": ["2", 1]}},
-        "4": {"class_type": "EmptyLatentImage",
-              "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["3", 0], "negative": ["3", 0],
-            "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0],
-                                                     "filename_prefix": "lora2/budget"}},
-    }
-    server.run(api, timeout=600)
+    server.run(stock_loader_graph(name, 1.0), timeout=600)
     return not_loaded(server, start)
 
 
