@@ -66,7 +66,7 @@ class RankReport:
                      f"{j['megabytes']:.2f} MB, ranks {j['min_rank']}..{j['max_rank']} "
                      f"(mean {j['mean_rank']:.1f}); same size as uniform rank "
                      f"{j['uniform_rank_same_size']:.1f}")
-        if self.file_bytes is not None or self.budget is not None:
+        if self.budget is not None or self.total_rel_error is not None:  # compressed/merged
             size = "" if self.file_bytes is None else f"file {self.file_bytes:,} bytes"
             budget = "" if self.budget is None else f"budget {self.budget}"
             err = ("" if self.total_rel_error is None
