@@ -34,7 +34,8 @@ from .spectrum import Spectrum
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOWER_BOUND = 0.98  # a byte budget is met from below: file bytes in [0.98, 1] x budget
 _STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
-          "lora_adapter_metadata", "lora2.padded_to", "lora2.original_ranks")
+          "lora_adapter_metadata", "lora2.padded_to", "lora2.original_ranks",
+          "lora2.source_dtype")
 
 
 @dataclass
@@ -111,6 +112,9 @@ def serialize(lora: LoraFile) -> bytes:
 def save_dtype(lora: LoraFile, dtype: str | torch.dtype | None) -> torch.dtype:
     """The requested dtype, or the source's (its first module's ``down``)."""
     if dtype is None:
+        converted = lora.metadata.get("lora2.source_dtype")  # e.g. a LoHa converted in fp32
+        if converted in SAVE_DTYPES:
+            return SAVE_DTYPES[converted]
         dt = next(iter(lora.modules.values())).down.dtype
         return dt if dt in SAVE_DTYPES.values() else torch.float32
     if isinstance(dtype, torch.dtype):

@@ -148,6 +148,9 @@ def read_lycoris(path: str | os.PathLike) -> LoraFile:
     style = "comfy" if all(k.startswith("diffusion_model.") for k in modules) else "kohya"
     meta = dict(meta)
     meta["lora2.converted_from"] = "lycoris"
+    dtypes = {str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if _part(k)}
+    if len(dtypes) == 1:  # converted factors are float32; save as the file was by default
+        meta["lora2.source_dtype"] = dtypes.pop()
     return LoraFile(modules, style, meta, rest, path)
 
 

@@ -55,7 +55,9 @@ class Spectrum:
         uc, s, vch = torch.linalg.svd(ru @ rd.T * scale)  # (p, q) core
         m, n = u.shape[0], d.shape[1]
         s = _numerical_zeros(s, m, n, 16 * _EPS64)
-        return cls(s, m, n, tuple(down.shape[1:]), tuple(up.shape[2:]), qu @ uc, vch @ qd.T)
+        # vectors kept in float32 (a 900 MB LoRA's spectra then take ~2x its fp16 size)
+        return cls(s, m, n, tuple(down.shape[1:]), tuple(up.shape[2:]), (qu @ uc).float(),
+                   (vch @ qd.T).float())
 
     @classmethod
     def from_module(cls, w: ModuleWeights) -> Spectrum:
@@ -118,7 +120,7 @@ class Spectrum:
                 raise ValueError(f"rank {rank} exceeds this module's {self.s.numel()} "
                                  "singular directions")
             u, _, vh = torch.linalg.svd(self._dense().float(), full_matrices=False)
-            self._u, self._vh = u[:, :rank].double(), vh[:rank].double()
+            self._u, self._vh = u[:, :rank].contiguous(), vh[:rank].contiguous()
         return self._u[:, :rank], self._vh[:rank]
 
     def factors(self, rank: int, dtype: torch.dtype = torch.float32,
@@ -128,6 +130,7 @@ class Spectrum:
         Splitting ``S`` evenly keeps both factors in the same range (fp16/bf16 safe).
         """
         u, vh = self._vectors(rank)
+        u, vh = u.double(), vh.double()
         root = self.s[:rank].sqrt()
         up = (u * root[None, :]).to(dtype).reshape(self.m, rank, *self.up_tail)
         down = (root[:, None] * vh).to(dtype).reshape(rank, *self.down_tail)

@@ -127,3 +127,15 @@ def test_other_types_are_refused_by_name(tmp_path, capsys, suffix, what):
     err = capsys.readouterr().err
     assert "lora_unet_extra" in err and what in err and re.search("cannot be converted", err)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_fp16_lycoris_is_saved_in_fp16_by_default(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors, _ = lycoris_tensors()
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in tensors.items()}, str(path))
+    result = compress(read_any(path), Budget.megabytes(10))
+    out = load_file(str(result.write(tmp_path / "out.safetensors")))
+    assert {v.dtype for k, v in out.items() if k.endswith(".weight")} == {torch.float16}
+    assert "lora2.source_dtype" not in result.lora.metadata

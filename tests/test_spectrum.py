@@ -30,7 +30,8 @@ def test_qr_spectrum_equals_dense_svd_and_refactor_is_eckart_young(down_shape, u
         assert mod.alpha == r  # scale 1
         got = mod.up.flatten(1).double() @ mod.down.flatten(1).double()  # alpha/rank = 1
         err = torch.linalg.matrix_norm(got - dense)
-        assert float(err) == pytest.approx(float(want[r:].square().sum().sqrt()), abs=1e-9)
+        tail = float(want[r:].square().sum().sqrt())  # vectors are kept in float32
+        assert float(err) == pytest.approx(tail, abs=1e-5 * float(want[0]))
 
 
 def test_zero_padded_module_has_its_true_rank():
