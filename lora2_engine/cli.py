@@ -1,4 +1,4 @@
-"""``python -m lora2_engine demo | train | report FILE | pad FILE --rank R``."""
+"""``python -m lora2_engine demo | train | report | pad | compress | merge``."""
 
 from __future__ import annotations
 
@@ -151,6 +151,84 @@ def cmd_pad(args) -> int:
     return 0
 
 
+def _budget(args):
+    from .budget import Budget
+
+    if args.size_mb is not None:
+        return Budget.megabytes(args.size_mb)
+    if args.params is not None:
+        return Budget.of_params(args.params)
+    return Budget.of_error(args.error)
+
+
+def _write_result(result, dest: Path, overwrite: bool) -> int:
+    result.write(dest, overwrite=overwrite)
+    print(result.report().table())
+    print(result.summary())
+    print("wrote", dest)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress import compress
+    from .lycoris import read_any
+
+    budget = _budget(args)  # a bad budget is refused before the file is read
+    src = Path(args.file)
+    dest = Path(args.out) if args.out else src.with_name(f"{src.stem}_compressed.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    result = compress(read_any(src), budget, args.dtype)
+    return _write_result(result, dest, args.overwrite)
+
+
+def cmd_merge(args) -> int:
+    from .lycoris import read_any
+    from .merging import check_inputs, merge_loras
+
+    budget = _budget(args)
+    weights = args.weights or [1.0] * len(args.files)
+    check_inputs(args.files, weights, args.method, args.density)
+    dest = Path(args.out) if args.out else Path(args.files[0]).with_name(
+        f"merged_{args.method}.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    loras = [read_any(f) for f in args.files]
+    result = merge_loras(loras, weights, args.method, budget, density=args.density,
+                         seed=args.seed, dtype=args.dtype)
+    return _write_result(result, dest, args.overwrite)
+
+
+def cmd_extract(args) -> int:
+    from .compress import SAVE_DTYPES
+    from .extract import extract_files
+    from .formats.keys import KNOWN_LAYOUTS, OTHER
+
+    budget = _budget(args)
+    tuned = Path(args.tuned)
+    dest = Path(args.out) if args.out else tuned.with_name(f"{tuned.stem}_lora.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    result = extract_files(args.base, tuned, budget, style=args.key_style,
+                           layout=KNOWN_LAYOUTS.get(args.family, OTHER),
+                           dtype=SAVE_DTYPES[args.dtype or "float16"])
+    return _write_result(result, dest, args.overwrite)
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size-mb", type=float, help="file size on disk in MB (10^6 bytes), "
+                   "header and metadata included; the file lands within 2%% below it")
+    g.add_argument("--params", type=int, help="factor parameters, sum of r (m + n)")
+    g.add_argument("--error", type=float, help="relative Frobenius error of Delta W over the "
+                   "whole file, e.g. 0.05: the smallest file within it")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="save dtype (default: the input's)")
+    p.add_argument("--out", default=None, help="output file (never overwritten without "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--model", default="tiny-sdxl",
                    help="tiny-sdxl (default), tiny-sd15, or a diffusers SD1.x/SDXL folder")
@@ -197,6 +275,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pad)
+    p = sub.add_parser("compress", help="shrink a LoRA (kohya, ComfyUI, diffusers, LoCon, "
+                       "LoHa, LoKr) to a size budget, ranks chosen jointly over the file")
+    p.add_argument("file")
+    _budget_args(p)
+    p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("merge", help="merge LoRAs (linear, TIES, DARE) into one "
+                       "adaptive-rank LoRA under a size budget")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one weight per file (default 1 each)")
+    p.add_argument("--method", default="linear", choices=("linear", "ties", "dare"))
+    p.add_argument("--density", type=float, default=0.5,
+                   help="TIES/DARE: fraction of each update's entries kept (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="DARE's random drop")
+    _budget_args(p)
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("extract", help="extract an adaptive-rank LoRA from a fine-tuned model "
+                       "(tuned - base) under a size budget")
+    p.add_argument("base", help="the base model (.safetensors)")
+    p.add_argument("tuned", help="the fine-tuned model (.safetensors, same architecture)")
+    p.add_argument("--family", default="other", choices=("sd15", "sdxl", "other"),
+                   help="names the modules the way loaders expect for this family")
+    p.add_argument("--key-style", default="comfy", choices=cfgmod.KEY_STYLES,
+                   help="comfy (default: ComfyUI maps every module), kohya or diffusers")
+    _budget_args(p)
+    p.set_defaults(func=cmd_extract)
     return ap
 
 

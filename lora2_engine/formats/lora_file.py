@@ -125,6 +125,14 @@ def _write_key(prefix: str, role: str, style: str) -> str:
     return prefix + {"down": ".lora_down.weight", "up": ".lora_up.weight"}[role]
 
 
+def lora_contents(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`write_lora` stores (size budgets measure exactly these)."""
+    meta = dict(lora.metadata)
+    if lora.style == "diffusers":
+        meta["lora_adapter_metadata"] = json.dumps(_peft_config(lora))
+    return lora.state_dict(), meta
+
+
 def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``lora`` in its own key style, atomically."""
     return atomic_write_bytes(path, lora_bytes(lora), overwrite=overwrite)
@@ -132,10 +140,7 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, overwrite: bool = False)
 
 def lora_bytes(lora: LoraFile) -> bytes:
     """The ``.safetensors`` file ``write_lora`` writes, as bytes."""
-    meta = dict(lora.metadata)
-    if lora.style == "diffusers":
-        meta["lora_adapter_metadata"] = json.dumps(_peft_config(lora))
-    return tensors_bytes(lora.state_dict(), meta)
+    return tensors_bytes(*lora_contents(lora))
 
 
 def _peft_config(lora: LoraFile) -> dict[str, Any]:

@@ -111,13 +111,13 @@ def test_workflow_trains_saves_reports_applies_and_samples(server, trained):
     assert not (server.base / "output" / "lora2_checkpoints" / "e2e.state.safetensors").exists()
 
 
-def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained):
-    start = len(server.log())
-    api = {
+def stock_loader_graph(lora_name: str, strength_model: float = 0.8) -> dict:
+    """Checkpoint → stock LoraLoader with ``lora_name`` → one sampling step → SaveLatent."""
+    return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "2": {"class_type": "LoraLoader", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "lora_name": "lora2/e2e.safetensors",
-            "strength_model": 0.8, "strength_clip": 1.0}},
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+            "strength_model": strength_model, "strength_clip": 1.0}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "sks dog", "clip": ["2", 1]}},
         "4": {"class_type": "EmptyLatentImage",
               "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -128,7 +128,11 @@ def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained)
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0],
                                                      "filename_prefix": "lora2/stock"}},
     }
-    server.run(api, timeout=600)
+
+
+def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained):
+    start = len(server.log())
+    server.run(stock_loader_graph("lora2/e2e.safetensors"), timeout=600)
     assert not_loaded(server, start) == []
 
 
