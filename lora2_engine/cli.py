@@ -46,7 +46,7 @@ def _class_noun(folder: Path, default: str) -> str:
 
 def _train(args, folder: Path, out_dir: Path) -> int:
     from .data import instance_prompt, load_subject
-    from .diffusion import train_unet
+    from .diffusion import train_diffusion
     from .formats.io import safe_output_path
     from .models.loader import load_model
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
@@ -55,28 +55,34 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"{target} already exists: choose another --name or --out, or "
                               "pass --overwrite")
+    model = load_model(args.model)
     noun = args.class_noun or _class_noun(folder, folder.name.rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
     for w in data.warnings():
         print("warning:", w, file=sys.stderr)
-    overrides = {"steps": args.steps, "seed": args.seed}
+    overrides = {"steps": args.steps, "seed": args.seed,
+                 "targets": model.family.resolve_targets(args.targets),
+                 "grad_checkpointing": model.family.grad_checkpointing}
     for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
               "checkpoint_every"):
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
-    model = load_model(args.model)
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
     print(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
           f"(model {args.model}, preset {args.preset})")
+    out_dir.mkdir(parents=True, exist_ok=True)
     bar, on_step = _progress(train_cfg.steps)
     t0 = time.perf_counter()
     try:
-        out = train_unet(model.unet, examples, adapter_cfg, train_cfg, out_dir, args.name,
-                         export, model.schedule, Callbacks(on_step=on_step), args.resume,
-                         model.layout, model.predict)
+        out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
+                              export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
+                              checkpoint_path=target.with_name(target.stem + ".state.safetensors"),
+                              resume=args.resume, out_file=target,
+                              extra_metadata={"lora2.name": args.name,
+                                              "ss_output_name": args.name})
     except TrainingInterrupted as exc:
         bar.close()
         print(f"\n{exc}. Resume with: --resume {exc.checkpoint}", file=sys.stderr)
@@ -87,13 +93,32 @@ def _train(args, folder: Path, out_dir: Path) -> int:
         return 1
     finally:
         bar.close()
+    paths = _write_reports(out, out_dir, args.name,
+                           {"adapter": cfgmod.to_dict(adapter_cfg),
+                            "train": cfgmod.to_dict(train_cfg), "export": cfgmod.to_dict(export)})
     ranks = list(out.ranks.values())
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
-    for p in (out.lora, out.report_json, out.rank_map, out.loss_plot):
+    for p in (out.lora.path, *paths):
         print("wrote", p)
     return 0
+
+
+def _write_reports(result, out_dir: Path, name: str, configs: dict) -> list[Path]:
+    """Rank report (json + picture), loss plot and the run's configs beside the adapter."""
+    import json
+
+    from .report import loss_figure, rank_map_figure, report_from_file, save_figure, save_json
+
+    report = report_from_file(result.lora)
+    paths = [out_dir / "rank_report.json", out_dir / "rank_report.png", out_dir / "loss.png"]
+    save_json(report, paths[0], overwrite=True)
+    save_figure(rank_map_figure(report, f"{name}: learned rank per component"), paths[1],
+                overwrite=True)
+    save_figure(loss_figure(result.history, f"{name}: loss"), paths[2], overwrite=True)
+    (out_dir / "config.json").write_text(json.dumps(configs, indent=1))
+    return paths
 
 
 def cmd_demo(args) -> int:
@@ -139,7 +164,11 @@ def cmd_pad(args) -> int:
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--model", default="tiny-sdxl",
-                   help="tiny-sdxl (default), tiny-sd15, or a diffusers SD1.x/SDXL folder")
+                   help="tiny-sdxl (default), tiny-sd15, tiny-flux, or a diffusers SD1.x/SDXL "
+                        "folder")
+    p.add_argument("--targets", default="attention",
+                   help="attention (default), attention+mlp, or comma-separated module name "
+                        "suffixes")
     p.add_argument("--token", default="sks", help="instance token (DreamBooth)")
     p.add_argument("--class-noun", default=None, help="class noun, e.g. dog")
     p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS))
