@@ -208,3 +208,78 @@ def test_a_short_run_trains_the_same_with_and_without_checkpointing(name):
         torch.testing.assert_close(w.up, ckpt.lora.modules[k].up, atol=1e-6, rtol=1e-5)
     assert any(w.up.abs().max() > 0 for w in plain.lora.modules.values())
     assert all(h["entropy"] > 0 for h in plain.history)  # λ_e on: the term is measured
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ranks_differ_per_component_after_a_short_run_on_a_planted_teacher(name):
+    """A teacher copy carries rank-8 updates on every other default target; the student's
+    LoRA² (spread preset, λ_e 0) fits it: the loss falls and the learned ranks spread out."""
+    import copy
+
+    from lora2_engine.trainer import Trainer, collate
+
+    fam, student = _model(name)
+    stand_in = load_stand_in(fam)
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(0)
+    names = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in fam.targets)]
+    with torch.no_grad():
+        for n in names[::2]:
+            w = teacher.get_submodule(n).weight
+            delta = torch.randn(w.shape[0], 8, generator=g) @ torch.randn(8, w.shape[1],
+                                                                          generator=g)
+            w += 0.5 * delta / delta.norm() * w.norm()
+    sched = fam.schedule()
+    ours, theirs = (ModuleDenoiser(m, sched, fam.cond_keys) for m in (student, teacher))
+    data = [{"x": torch.randn(*stand_in.latent_shape, generator=g),
+             **{k: v[0] for k, v in _conds(fam, stand_in, 1, seed=i).items()}}
+            for i in range(8)]
+    with torch.no_grad():
+        b = collate(data)
+        conds = {k: v for k, v in b.items() if k != "x"}
+        sigma = torch.full((8,), 0.5)
+        kappa = 1 / float((ours(b["x"], sigma, **conds) - theirs(b["x"], sigma, **conds))
+                          .pow(2).mean())
+
+    def loss(batch, gen):
+        sigma = torch.rand(batch["x"].shape[0], generator=gen) * 0.8 + 0.1
+        conds = {k: v for k, v in batch.items() if k != "x"}
+        with torch.no_grad():
+            want = theirs(batch["x"], sigma, **conds)
+        return kappa * torch.nn.functional.mse_loss(ours(batch["x"], sigma, **conds), want)
+
+    a_cfg, t_cfg = preset("spread", steps=40, init_rank=4, lr=3e-3, nu_lr=5e-2, batch_size=2,
+                          lambda_e=0.0, targets=fam.targets)
+    adapters = attach(student, a_cfg)
+    history = Trainer(adapters, loss, data, t_cfg).run()
+    ranks = adapters.ranks()
+    assert history[-1]["task"] < 0.8 * history[0]["task"]
+    assert len(set(ranks.values())) >= 3, ranks
+    adapters.detach()
+
+
+@pytest.mark.parametrize("names,unet_config,want", [
+    (["SD15", "BASE"], {}, "sd15"),
+    (["KOALA_700M", "SDXL", "BASE"], {}, "sdxl"),
+    (["FluxSchnell", "Flux", "BASE"], {"image_model": "flux"}, "flux"),
+    (["Chroma", "BASE"], {"image_model": "chroma"}, "flux"),
+    (["Flux2", "Flux", "BASE"], {"image_model": "flux2"}, None),  # other blocks: no entry yet
+    (["SD3", "BASE"], {}, None),
+    (["SD20", "BASE"], {}, None)])
+def test_comfyui_detection_maps_to_entries(names, unet_config, want):
+    from lora2_engine.families import from_comfy
+
+    got = from_comfy(names, unet_config)
+    assert (got.name if got else None) == want
+
+
+@pytest.mark.parametrize("name,style,ok", [("sd15", "diffusers", False), ("sdxl", "kohya", True),
+                                           ("flux", "diffusers", True)])
+def test_key_styles_stock_comfyui_cannot_load_are_refused_in_comfyui(name, style, ok):
+    fam = get(name)
+    if ok:
+        fam.check_key_style(style, in_comfyui=True)
+    else:
+        with pytest.raises(ValueError, match="stock ComfyUI does not load these names"):
+            fam.check_key_style(style, in_comfyui=True)

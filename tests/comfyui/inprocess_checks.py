@@ -334,8 +334,86 @@ def check_one_path(mods, args) -> dict:
             "learned": any(float(w.up.abs().max()) > 0 for w in node.lora.modules.values())}
 
 
+def _stitched_delta(lora, name: str) -> torch.Tensor:
+    """Delta W of module ``name`` from the LoRA's own tensors (split parts stacked by rows)."""
+    rec = lora.lora2_modules()[name]
+    keys = [k for k, _ in rec.get("split", [[rec["key"], None]])]
+    return torch.cat([lora.modules[k].delta() for k in keys])
+
+
+def check_family(mods, args) -> dict:
+    """A family's stand-in file through UNETLoader; TrainAdaptiveLoRA from LATENT +
+    CONDITIONING in each key style; the file in stock LoraLoaderModelOnly vs ApplyAdaptiveLoRA;
+    the incoming MODEL unchanged."""
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py
+    import folder_paths
+
+    train, apply, bridge = mods["nodes.train"], mods["nodes.apply"], mods["nodes.bridge"]
+    tmp = Path(args["tmp"])
+    use_scratch_folders(tmp)
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(args["file"]).parent),
+                                       is_default=True)
+    log = KeyLog()
+    logging.getLogger().addHandler(log)
+    loader = comfy_nodes.UNETLoader()
+    model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name,
+                                             args.get("weight_dtype", "default"))[0]
+    base = model.model
+    res = {"config": type(base.model_config).__name__,
+           "family": getattr(bridge.model_family(base), "name", None), "styles": {}}
+    g = torch.Generator().manual_seed(0)
+    c, h, w = args["latent_shape"]
+    latents = {"samples": torch.randn(2, c, h, w, generator=g)}
+    extra = ({"pooled_output": torch.randn(1, args["pooled"], generator=g)} if args["pooled"]
+             else {})
+    positive = [[torch.randn(1, 77, args["context"], generator=g), extra]]
+    before = snapshot(model)
+    during: set[str] = set()  # dtypes of the frozen Linear weights while training
+    update = bridge.Progress.update
+
+    def spy(self, value, preview=None):
+        during.update(str(p.dtype) for n, p in base.diffusion_model.named_parameters()
+                      if p.dim() == 2 and not n.endswith((".A", ".B")))
+        update(self, value, preview)
+
+    bridge.Progress.update = spy
+    for style in args["styles"]:
+        n_lines = len(log.lines)
+        lora = call(train.TrainAdaptiveLoRA, model=model, latents=latents, positive=positive,
+                    preset="spread", steps=args["steps"], learning_rate=1e-3, r_target=0.0,
+                    seed=0, init_rank=4, nu_lr=0.3, filename=f"lora2/{args['family']}_{style}",
+                    key_style=style, **args.get("train", {}))[0]
+        name = f"lora2/{args['family']}_{style}.safetensors"
+        ours = call(apply.ApplyAdaptiveLoRA, model=model, strength_model=0.8,
+                    adaptive_lora=lora)[0]
+        node = comfy_nodes.LoraLoaderModelOnly()
+        stock = getattr(node, node.FUNCTION)(model, name, 0.8)[0]
+        w_base, w_ours, w_stock = weights(model), weights(ours), weights(stock)
+        records = lora.lora.lora2_modules()
+        formula = []
+        for mod in records:  # fp8 weights are re-quantised after patching: no exact formula
+            key = mod + ".weight"
+            if w_base[key].dtype == torch.float32:
+                want = w_base[key] + 0.8 * _stitched_delta(lora.lora, mod)
+                formula.append(bool(torch.allclose(w_stock[key], want, atol=1e-5)))
+        res["styles"][style] = {
+            "modules": len(records), "file_keys": len(lora.lora.modules),
+            "equal_stock": all(torch.equal(w_ours[k], w_stock[k]) for k in w_stock),
+            "changed": sum(not torch.equal(w_base[k], w_stock[k]) for k in w_base),
+            "formula": formula, "not_loaded": log.lines[n_lines:],
+            "ranks": sorted(set(lora.lora.ranks().values())),
+            "loss": [h["loss"] for h in lora.history],
+            "entropy": [h["entropy"] for h in lora.history],
+            "mixed_precision": json.loads(lora.lora.metadata["lora2.train_config"])[
+                "mixed_precision"]}
+    bridge.Progress.update = update
+    res["weight_dtypes_during_training"] = sorted(during)
+    res["model_unchanged"] = same(before, snapshot(model))
+    return res
+
+
 CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15,
-          "one_path": check_one_path}
+          "one_path": check_one_path, "family": check_family}
 
 if __name__ == "__main__":
     check, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
