@@ -49,6 +49,7 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     from .diffusion import train_diffusion
     from .formats.io import safe_output_path
     from .models.loader import load_model
+    from .precision import PrecisionConfig
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
     target = safe_output_path(out_dir, args.name)  # refuse a bad name before any work
@@ -81,6 +82,7 @@ def _train(args, folder: Path, out_dir: Path) -> int:
                               export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
                               checkpoint_path=target.with_name(target.stem + ".state.safetensors"),
                               resume=args.resume, out_file=target,
+                              precision=PrecisionConfig(args.training_dtype, args.adapter_dtype),
                               extra_metadata={"lora2.name": args.name,
                                               "ss_output_name": args.name})
     except TrainingInterrupted as exc:
@@ -166,6 +168,9 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--model", default="tiny-sdxl",
                    help="tiny-sdxl (default), tiny-sd15, tiny-flux, or a diffusers SD1.x/SDXL "
                         "folder")
+    p.add_argument("--training-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--targets", default="attention",
                    help="attention (default), attention+mlp, or comma-separated module name "
                         "suffixes")

@@ -22,6 +22,7 @@ from .families import Family, get
 from .formats.keys import UNetLayout
 from .formats.lora_file import LoraFile, adapters_to_lora, write_lora
 from .inject import attach
+from .precision import PrecisionConfig
 from .schedule import denoising_loss, euler_sample
 from .trainer import Callbacks, Trainer
 
@@ -60,13 +61,15 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
                     resume: str | os.PathLike | None = None,
                     out_file: str | os.PathLike | None = None,
                     extra_metadata: dict[str, str] | None = None,
-                    adapter_dtype: torch.dtype | None = None) -> TrainResult:
+                    precision: PrecisionConfig | None = None) -> TrainResult:
     """Train LoRA² adapters on ``denoiser.module`` and return them as a LoRA in memory.
 
     ``examples``: ``{"latents": (C, h, w), "c_crossattn": (T, D), ...}`` with conditioning in
     ComfyUI's names. The module is restored bit for bit afterwards (checked: module tree and
     weight sums). A checkpoint is kept at ``checkpoint_path`` on cancel, on a non-finite loss
-    and every ``checkpoint_every`` steps, and removed after a successful export.
+    and every ``checkpoint_every`` steps, and removed after a successful export. ``precision``
+    (default: ``train_cfg.mixed_precision`` as given, fp32 adapters) picks the autocast dtype
+    for the module's device and the adapters' dtype.
     """
     family = get(family) if isinstance(family, str) else family
     family.check_entropy(train_cfg.lambda_e)
@@ -77,9 +80,13 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
     before = fingerprint(module)
     own = _has_own_switch(module)
     ckpt = train_cfg.grad_checkpointing
+    adapter_dtype = None
+    if precision is not None:
+        mixed, adapter_dtype = precision.resolve(next(module.parameters()).device)
+        train_cfg = dataclasses.replace(train_cfg, mixed_precision=mixed)
     trainer_cfg = dataclasses.replace(train_cfg, grad_checkpointing=ckpt and own)
     adapters = attach(module, adapter_cfg, seed=train_cfg.seed)
-    if adapter_dtype is not None:
+    if adapter_dtype is not None and adapter_dtype != torch.float32:
         for p in adapters.factor_parameters():
             p.data = p.data.to(adapter_dtype)
     entropy = family.entropy(module) if train_cfg.lambda_e > 0 else None

@@ -53,6 +53,10 @@ def checkpoint_folder() -> Path:
     return Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER
 
 
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
+
+
 # ------------------------------------------------------------------ the model
 @dataclass
 class TrainingModel:
@@ -172,7 +176,7 @@ def encode_latents(model, latents: dict, positive: list) -> list[dict]:
     for i in range(samples.shape[0]):
         cond, extra = positive[i if len(positive) > 1 else 0]
         latent = base.process_latent_in(samples[i: i + 1])
-        enc = {k: v for k, v in extra.items() if k == "pooled_output"}
+        enc = {k: v for k, v in extra.items() if k in ("pooled_output", "guidance")}
         examples.append(_example(base, latent, cond[:1].float().cpu(), enc,
                                  latent.shape[3] * 8, latent.shape[2] * 8))
     return examples

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 
 from ..lora2_engine.config import PRESETS, ExportConfig
 from ..lora2_engine.diffusion import preview, train_diffusion
+from ..lora2_engine.precision import ADAPTER_DTYPES, TRAINING_DTYPES, PrecisionConfig
 from ..lora2_engine.report import loss_figure
 from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 from . import bridge, core
@@ -81,6 +82,11 @@ def _inputs() -> list:
           tooltip="sample a preview every N steps (0 = off)"),
         io.String.Input("resume", default="", optional=True,
                         tooltip="a .state.safetensors in output/lora2_checkpoints to continue"),
+        io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
+                       optional=True, tooltip="autocast of each step. auto: bf16 on GPUs that "
+                       "have it (else fp16 + loss scaling), fp32 on the CPU (faster there)"),
+        io.Combo.Input("adapter_dtype", options=list(ADAPTER_DTYPES), default="fp32",
+                       optional=True, tooltip="dtype of the trained A/B matrices"),
     ]
 
 
@@ -98,28 +104,22 @@ class TrainAdaptiveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, steps, learning_rate, r_target, seed, filename,
-                clip=None, vae=None, subject=None, latents=None, positive=None, init_rank=0,
-                r_max=0, lambda_r=-1.0, lambda_e=-1.0, nu_lr=0.0,
-                batch_size=1, grad_accum=1, targets=TARGETS, key_style="kohya",
-                save_dtype="float32", gradient_checkpointing="auto", checkpoint_every=0,
-                preview_every=0, resume="") -> io.NodeOutput:
-        u, family = core.unset_if, bridge.require_family(model.model)
+                clip=None, vae=None, subject=None, latents=None, positive=None,
+                key_style="kohya", save_dtype="float32", preview_every=0, resume="",
+                training_dtype="auto", adapter_dtype="fp32", **options) -> io.NodeOutput:
+        family = bridge.require_family(model.model)
         family.check_key_style(key_style, in_comfyui=True)
-        ckpt = {"on": True, "off": False}.get(gradient_checkpointing, family.grad_checkpointing)
-        adapter_cfg, train_cfg = core.build_configs(preset, dict(
-            steps=steps, seed=seed, lr=u(learning_rate, 0), r_target=u(r_target, 0),
-            init_rank=u(init_rank, 0), r_max=u(r_max, 0), lambda_r=u(lambda_r, -1),
-            lambda_e=u(lambda_e, -1), nu_lr=u(nu_lr, 0), batch_size=batch_size,
-            grad_accum=grad_accum, targets=family.resolve_targets(targets),
-            checkpoint_every=checkpoint_every, grad_checkpointing=ckpt))
-        family.check_entropy(train_cfg.lambda_e)
+        adapter_cfg, train_cfg = _configs(family, preset, steps, learning_rate, r_target, seed,
+                                          options)
+        precision = PrecisionConfig(training_dtype, adapter_dtype)
+        precision.resolve(bridge.compute_device())  # refuse e.g. fp16 on a CPU before work
         export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
         out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
         examples = core.stackable(bridge.training_examples(model, clip, vae, subject, latents,
-                                                           positive), batch_size)
+                                                           positive), train_cfg.batch_size)
         t0 = time.perf_counter()
         result, previews = _train(model, examples, adapter_cfg, train_cfg, export_cfg, out,
-                                  preview_every, resume)
+                                  preview_every, resume, precision)
         name = out.stem if out else "in-memory"
         lora = core.AdaptiveLora(result.lora, name, out, result.history)
         curve = core.figure_to_image(loss_figure(result.history, f"{name}: loss"))
@@ -132,8 +132,26 @@ class TrainAdaptiveLoRA(io.ComfyNode):
                              ui=show(cls, text, curve))
 
 
+def _configs(family, preset: str, steps: int, learning_rate: float, r_target: float,
+             seed: int, options: dict):
+    """Adapter and training configs from the preset and the node's options (0 / -1 = the
+    preset's value; targets and gradient checkpointing resolved for the model's family)."""
+    u, o = core.unset_if, options
+    ckpt = o.get("gradient_checkpointing", "auto")
+    adapter_cfg, train_cfg = core.build_configs(preset, dict(
+        steps=steps, seed=seed, lr=u(learning_rate, 0), r_target=u(r_target, 0),
+        init_rank=u(o.get("init_rank", 0), 0), r_max=u(o.get("r_max", 0), 0),
+        lambda_r=u(o.get("lambda_r", -1), -1), lambda_e=u(o.get("lambda_e", -1), -1),
+        nu_lr=u(o.get("nu_lr", 0), 0), batch_size=o.get("batch_size", 1),
+        grad_accum=o.get("grad_accum", 1), targets=family.resolve_targets(
+            o.get("targets", TARGETS)), checkpoint_every=o.get("checkpoint_every", 0),
+        grad_checkpointing={"on": True, "off": False}.get(ckpt, family.grad_checkpointing)))
+    family.check_entropy(train_cfg.lambda_e)
+    return adapter_cfg, train_cfg
+
+
 def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None,
-           preview_every: int, resume: str):
+           preview_every: int, resume: str, precision: PrecisionConfig | None = None):
     """The engine's training path on ComfyUI's denoiser, with ComfyUI's progress and cancel."""
     stem = out.stem if out else f"lora2_{uuid.uuid4().hex[:8]}"
     resume_path = _resume_path(resume)
@@ -166,7 +184,7 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
             result = train_diffusion(
                 target.denoiser, data, target.family, adapter_cfg, train_cfg, export_cfg,
                 layout=target.layout, callbacks=callbacks, checkpoint_path=state,
-                resume=resume_path, out_file=out,
+                resume=resume_path, out_file=out, precision=precision,
                 extra_metadata={"lora2.name": stem, "ss_output_name": stem,
                                 "lora2.trained_in": "ComfyUI"})
         except TrainingInterrupted as exc:

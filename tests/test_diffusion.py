@@ -12,6 +12,7 @@ from lora2_engine.diffusion import train_diffusion
 from lora2_engine.families import get
 from lora2_engine.formats import read_lora
 from lora2_engine.models.loader import load_model
+from lora2_engine.precision import PrecisionConfig
 
 
 def _examples(bundle, n=2, size=64):
@@ -83,7 +84,8 @@ def test_adapter_dtype_is_the_dtype_of_A_and_B():
     from lora2_engine.trainer import Callbacks
 
     res = train_diffusion(bundle.denoiser, _examples(bundle), bundle.family, a_cfg, t_cfg,
-                          callbacks=Callbacks(on_step=spy), adapter_dtype=torch.bfloat16)
+                          callbacks=Callbacks(on_step=spy),
+                          precision=PrecisionConfig("fp32", "bf16"))
     assert set(seen) == {torch.bfloat16}
     assert all(torch.isfinite(w.up.float()).all() for w in res.lora.modules.values())
 
