@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench.comfy_vs_native import defaults  # noqa: E402
 from lora2_engine.families import get  # noqa: E402
 from lora2_engine.models.standin import load_stand_in  # noqa: E402
 from tests.comfyui.conftest import CHECKPOINT, prepare_base  # noqa: E402
@@ -43,19 +44,6 @@ from tests.comfyui.tiny_checkpoint import write_tiny_sd15_checkpoint  # noqa: E4
 
 PROMPT = "a photo of sks dog"
 LATENT = {4: "EmptyLatentImage", 16: "EmptySD3LatentImage"}
-
-
-def defaults(info: dict) -> dict:
-    """Every widget input of a node at its default."""
-    out = {}
-    for group in ("required", "optional"):
-        for name, spec in info["input"].get(group, {}).items():
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if isinstance(spec[0], list):
-                out[name] = opts.get("default", spec[0][0] if spec[0] else None)
-            elif "default" in opts:
-                out[name] = opts["default"]
-    return out
 
 
 def write_sdxl_clips(folder: Path) -> tuple[str, str]:

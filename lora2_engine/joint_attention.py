@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .objective import attention_entropy
+from .objective import EntropyCapture, attention_entropy
 
 
 def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
@@ -36,13 +36,13 @@ def text_entropy(img_q: torch.Tensor, txt_k: torch.Tensor, pe_img: torch.Tensor 
                              heads)
 
 
-class JointAttentionCapture:
+class JointAttentionCapture(EntropyCapture):
     """Records :func:`text_entropy` of every joint-attention block during a forward pass.
 
     ``blocks``: the ModuleList of joint blocks (Flux: ``double_blocks``); ``img_norm`` /
     ``txt_norm``: each block's q/k-norm modules for the image and text streams (called in that
-    order, as Flux does); the RoPE ``pe`` covers [text; image] tokens, text first. Same protocol
-    as ``objective.EntropyCapture`` (``values``, ``mean``, ``clear``, ``remove``, ``enabled``).
+    order, as Flux does); the RoPE ``pe`` covers [text; image] tokens, text first. Only the
+    hooks differ from ``objective.EntropyCapture`` (``values``, ``mean``, ``remove``...).
     """
 
     def __init__(self, model: nn.Module, blocks: str = "double_blocks",
@@ -88,19 +88,6 @@ class JointAttentionCapture:
             self.values[name] = text_entropy(img_q, txt_k, pe_img, pe_txt)
         return hook
 
-    def mean(self) -> torch.Tensor:
-        """Mean entropy over the captured blocks (zero when none were captured)."""
-        if not self.values:
-            return torch.zeros(())
-        return torch.stack(list(self.values.values())).mean()
-
     def clear(self) -> None:
-        self.values.clear()
-        self._q.clear()
+        super().clear()
         self._pe.clear()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.clear()

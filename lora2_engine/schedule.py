@@ -42,7 +42,21 @@ def _per_sample(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
     return sigma.view(()) if sigma.numel() == 1 else sigma.view(sigma.shape[:1] + (1,) * (ndim - 1))
 
 
-class DiscreteSchedule:
+class _SigmaTable:
+    """A schedule tabulated at its training timesteps: ``sigmas`` ascending."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+
+class DiscreteSchedule(_SigmaTable):
     """The DDPM ``scaled_linear`` schedule of SD1.x/SDXL as sigmas (eps or v prediction).
 
     ``sigma_t = sqrt((1 - abar_t) / abar_t)``; ``percent_to_sigma`` interpolates ``log sigma``
@@ -60,14 +74,6 @@ class DiscreteSchedule:
         abar = torch.cumprod(1.0 - betas, 0)
         sigmas = ((1 - abar) / abar) ** 0.5  # in float64, then stored in float32
         self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         t = timestep.float().clamp(0, len(self.sigmas) - 1)
@@ -103,7 +109,7 @@ class DiscreteSchedule:
         return noise + latent_image
 
 
-class FlowSchedule:
+class FlowSchedule(_SigmaTable):
     """Rectified flow: ``x_t = sigma * noise + (1 - sigma) * x0``; the model predicts
     ``noise - x0``. ``shift`` warps sigma toward noise (SD3: 3.0; Flux schnell: 1.0) and the
     model sees ``timestep = sigma * multiplier`` (1000 for SD3, 1 for Flux)."""
@@ -116,14 +122,6 @@ class FlowSchedule:
 
     def _shifted(self, t):
         return t if self.shift == 1.0 else self.shift * t / (1 + (self.shift - 1) * t)
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         return self._shifted(timestep / self.multiplier)
