@@ -60,35 +60,41 @@ def _class_noun(folder: Path, default: str) -> str:
 
 def _train(args, folder: Path, out_dir: Path) -> int:
     from .data import instance_prompt, load_subject
-    from .diffusion import train_unet
+    from .diffusion import train_diffusion
     from .models.loader import load_model
+    from .precision import PrecisionConfig
     from .runfiles import RunFiles
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
-    overrides = {"steps": args.steps, "seed": args.seed}
-    for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
-              "checkpoint_every"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
-    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
     # every file the run will write, checked before any work (name, folder, resume file)
-    RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
+    run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
     for w in data.warnings():
         _say(f"warning: {w}")
     model = load_model(args.model)
+    overrides = {"steps": args.steps, "seed": args.seed,
+                 "targets": model.family.resolve_targets(args.targets),
+                 "grad_checkpointing": model.family.grad_checkpointing}
+    for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
+              "checkpoint_every"):
+        if getattr(args, k, None) is not None:
+            overrides[k] = getattr(args, k)
+    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
+    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
     _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
          f"(model {args.model}, preset {args.preset})", sys.stdout)
     bar, on_step = _progress(train_cfg.steps)
     t0 = time.perf_counter()
     try:
-        out = train_unet(model.unet, examples, adapter_cfg, train_cfg, out_dir, args.name,
-                         export, model.schedule, Callbacks(on_step=on_step), args.resume,
-                         model.layout, model.predict, resume_force=args.resume_force)
+        out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
+                              export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
+                              resume=args.resume, resume_force=args.resume_force, run=run,
+                              precision=PrecisionConfig(args.training_dtype, args.adapter_dtype),
+                              extra_metadata={"lora2.name": args.name,
+                                              "ss_output_name": args.name})
     except TrainingInterrupted as exc:
         bar.close()
         _say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
@@ -103,7 +109,7 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
-    for p in (out.lora, out.report_json, out.rank_map, out.loss_plot, out.config_json):
+    for p in run.outputs():
         _say(f"wrote {p}", sys.stdout)
     return 0
 
@@ -231,7 +237,14 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--model", default="tiny-sdxl",
-                   help="tiny-sdxl (default), tiny-sd15, or a diffusers SD1.x/SDXL folder")
+                   help="tiny-sdxl (default), tiny-sd15, tiny-flux, or a diffusers SD1.x/SDXL "
+                        "folder")
+    p.add_argument("--training-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--targets", default="attention",
+                   help="attention (default), attention+mlp, or comma-separated module name "
+                        "suffixes")
     p.add_argument("--token", default="sks", help="instance token (DreamBooth)")
     p.add_argument("--class-noun", default=None, help="class noun, e.g. dog")
     p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS))
