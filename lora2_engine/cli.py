@@ -59,6 +59,8 @@ def _class_noun(folder: Path, default: str) -> str:
 
 
 def _train(args, folder: Path, out_dir: Path) -> int:
+    import dataclasses
+
     from .data import instance_prompt, load_subject
     from .diffusion import train_diffusion
     from .models.loader import load_model
@@ -66,6 +68,13 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     from .runfiles import RunFiles
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
+    overrides = {"steps": args.steps, "seed": args.seed}
+    for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
+              "checkpoint_every"):
+        if getattr(args, k, None) is not None:
+            overrides[k] = getattr(args, k)
+    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
+    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
     # every file the run will write, checked before any work (name, folder, resume file)
     run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
@@ -74,15 +83,9 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     for w in data.warnings():
         _say(f"warning: {w}")
     model = load_model(args.model)
-    overrides = {"steps": args.steps, "seed": args.seed,
-                 "targets": model.family.resolve_targets(args.targets),
-                 "grad_checkpointing": model.family.grad_checkpointing}
-    for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
-              "checkpoint_every"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
-    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    adapter_cfg = dataclasses.replace(adapter_cfg,
+                                      targets=model.family.resolve_targets(args.targets))
+    train_cfg = dataclasses.replace(train_cfg, grad_checkpointing=model.family.grad_checkpointing)
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
     _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
          f"(model {args.model}, preset {args.preset})", sys.stdout)

@@ -721,7 +721,7 @@ def _raise_in(monkeypatch, where: str, exc: BaseException) -> None:
         raise exc
 
     target = {"load_subject": (data, "load_subject"), "load_model": (loader, "load_model"),
-              "train": (diffusion, "train_unet")}[where]
+              "train": (diffusion, "train_diffusion")}[where]
     monkeypatch.setattr(*target, boom)
 
 

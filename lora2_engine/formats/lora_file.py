@@ -112,7 +112,7 @@ class LoraFile:
         return None
 
 
-def _family_names() -> dict[str, str]:
+def family_names() -> dict[str, str]:
     from ..families import registry
 
     return {"sd2": "SD2", **{f.name: f.display for f in registry().values()}}
@@ -121,7 +121,7 @@ def _family_names() -> dict[str, str]:
 def check_family(lora: LoraFile, family: str) -> None:
     """Refuse a LoRA made for another base-model family (e.g. an SD1.5 file on SDXL)."""
     have = lora.family()
-    FAMILY_NAMES = _family_names()  # noqa: N806
+    FAMILY_NAMES = family_names()  # noqa: N806
     if have and family in FAMILY_NAMES and have in FAMILY_NAMES and have != family:
         raise LoraFileError(
             f"{lora.path or 'this LoRA'} was made for {FAMILY_NAMES[have]} but the model is "
