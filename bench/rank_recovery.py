@@ -8,9 +8,9 @@ Two synthetic tasks with a *known* per-layer answer, trained through the engine'
             of known rank (0..48) to each; loss = output MSE on fresh Gaussian inputs.
 ``unet``    the tiny SDXL-shaped UNet (``models.tiny.build_unet("sdxl")``); a teacher copy gets
             planted low-rank ``Delta W*`` on chosen attention projections (ranks 0..32); the
-            student trains with the diffusion path the nodes use (``Schedule.sample`` noise and
-            timesteps, ``ldm_predict``, cross-attention entropy) and regresses onto the
-            teacher's noise prediction at the same ``x_t, t, cond``.
+            student trains at the noise levels of the training loss (``noised_input``: sigma
+            uniform in the schedule, as ``schedule.denoising_loss``) with cross-attention
+            entropy, and regresses onto the teacher's noise prediction at the same input.
 
 Every run exports its adapter with ``export_adapters``; its size is read from the file on disk.
 Each run prints bytes, held-out loss, Spearman(learned rank, true rank) and wall time; the

@@ -193,6 +193,18 @@ UNET_RANKS = (0, 0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 32)  # over th
 DIRECTION_WEIGHT = 1.0 / (96 * 24)  # loss of one planted direction in the layers task
 
 
+def noised_input(schedule, x0: torch.Tensor, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's input and timestep at the noise levels the training loss draws
+    (``schedule.denoising_loss``: sigma uniform in the schedule, then noise)."""
+    from lora2_engine.schedule import sample_sigmas
+
+    sigma = sample_sigmas(schedule, x0.shape[0], gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0)
+    x_t = schedule.noise_scaling(sigma, noise, x0)
+    return schedule.calculate_input(sigma, x_t), schedule.timestep(sigma).float()
+
+
 class UNetTask(Task):
     """Tiny SDXL UNet student vs a teacher with planted low-rank updates on attention layers.
 
@@ -215,7 +227,7 @@ class UNetTask(Task):
                  ranks: Sequence[int] = UNET_RANKS, rel_unit: float = 1e-4,
                  device: str = "cpu") -> None:
         from lora2_engine.models.tiny import build_tiny, sdxl_adm
-        from lora2_engine.schedule import Schedule
+        from lora2_engine.schedule import DiscreteSchedule
         from lora2_engine.trainer import collate
 
         self.seed, self.steps, self.lr, self.batch_size = seed, steps, lr, batch_size
@@ -239,12 +251,12 @@ class UNetTask(Task):
             return out
 
         self.train = examples(n_train)
-        self.schedule = Schedule("eps")
+        self.schedule = DiscreteSchedule("eps")
 
         def noised(exs: list[dict], g: torch.Generator) -> dict:
             b = collate(exs)
-            x_t, t, _ = self.schedule.sample(b["latents"], g)
-            return {"x_t": x_t, "t": t.to(x_t.device), "context": b["context"], "y": b["y"]}
+            x_t, t = noised_input(self.schedule, b["latents"], g)
+            return {"x_t": x_t, "t": t, "context": b["context"], "y": b["y"]}
 
         evals = examples(n_eval)
         self.eval_batch = noised(evals + evals, torch.Generator().manual_seed(40_000 + seed))
@@ -283,8 +295,8 @@ class UNetTask(Task):
         try:
             for i in range(0, len(self.train), 16):  # noise drawn on the CPU, as in training
                 batch = collate(self.train[i:i + 16])
-                x_t, t, _ = self.schedule.sample(batch["latents"], gen)
-                self.teacher(x_t, t.to(x_t.device), batch["context"], batch["y"])
+                x_t, t = noised_input(self.schedule, batch["latents"], gen)
+                self.teacher(x_t, t, batch["context"], batch["y"])
         finally:
             for h in hooks:
                 h.remove()
@@ -321,13 +333,14 @@ class UNetTask(Task):
         return EntropyCapture(model)
 
     def make_loss(self, model: nn.Module) -> Callable[[dict, torch.Generator], torch.Tensor]:
-        from lora2_engine.diffusion import ldm_predict
+        def student(x_t, t, b):
+            return model(x_t, t, b["context"], b["y"])
 
-        student, teacher = ldm_predict(model), ldm_predict(self.teacher)
+        def teacher(x_t, t, b):
+            return self.teacher(x_t, t, b["context"], b["y"])
 
         def loss(batch: dict, gen: torch.Generator) -> torch.Tensor:
-            x_t, t, _ = self.schedule.sample(batch["latents"], gen)  # the real noise/timesteps
-            t = t.to(x_t.device)  # Schedule.sample leaves the eps/v timesteps on the CPU
+            x_t, t = noised_input(self.schedule, batch["latents"], gen)  # the loss's noise levels
             with torch.no_grad():
                 target = teacher(x_t, t, batch)  # the teacher's noise prediction at x_t, t
             return self.kappa * mse_target(student(x_t, t, batch), target)

@@ -1,4 +1,4 @@
-"""``python -m lora2_engine demo | train | report FILE | pad FILE --rank R``."""
+"""``python -m lora2_engine demo | train | report | pad | compress | merge``."""
 
 from __future__ import annotations
 
@@ -34,10 +34,24 @@ def _subject_folder(subject: str) -> Path:
     raise SystemExit(f"subject {subject!r}: not a folder, and not in {ASSETS} or {SHARED}")
 
 
+def _text(name: str) -> str:
+    """A folder name used as a word of the prompt must be real text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ValueError(f"the folder name '{shown}' is not UTF-8 text, so it cannot be the "
+                         "class noun: pass --class-noun (e.g. --class-noun dog), or rename the "
+                         "folder") from None
+    return name
+
+
 def _class_noun(folder: Path, default: str) -> str:
+    from .data import read_text_file
+
     table = folder.parent / "prompts_and_classes.txt"
     if table.is_file():
-        for line in table.read_text().splitlines():
+        for line in read_text_file(table).splitlines():
             parts = line.strip().split(",")
             if len(parts) == 2 and parts[0] == folder.name:
                 return parts[1]
@@ -45,45 +59,52 @@ def _class_noun(folder: Path, default: str) -> str:
 
 
 def _train(args, folder: Path, out_dir: Path) -> int:
+    import dataclasses
+
     from .data import instance_prompt, load_subject
-    from .diffusion import train_unet
-    from .formats.io import safe_output_path
+    from .diffusion import train_diffusion
     from .models.loader import load_model
+    from .precision import PrecisionConfig
+    from .runfiles import RunFiles
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
-    target = safe_output_path(out_dir, args.name)  # refuse a bad name before any work
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists: choose another --name or --out, or "
-                              "pass --overwrite")
-    noun = args.class_noun or _class_noun(folder, folder.name.rstrip("0123456789_"))
-    prompt = instance_prompt(args.token, noun)
-    data = load_subject(folder, prompt, args.resolution)
-    for w in data.warnings():
-        print("warning:", w, file=sys.stderr)
     overrides = {"steps": args.steps, "seed": args.seed}
     for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
               "checkpoint_every"):
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
-    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
+    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    # every file the run will write, checked before any work (name, folder, resume file)
+    run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
+    noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
+    prompt = instance_prompt(args.token, noun)
+    data = load_subject(folder, prompt, args.resolution)
+    for w in data.warnings():
+        _say(f"warning: {w}")
     model = load_model(args.model)
+    adapter_cfg = dataclasses.replace(adapter_cfg,
+                                      targets=model.family.resolve_targets(args.targets))
+    train_cfg = dataclasses.replace(train_cfg, grad_checkpointing=model.family.grad_checkpointing)
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
-    print(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
-          f"(model {args.model}, preset {args.preset})")
+    _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
+         f"(model {args.model}, preset {args.preset})", sys.stdout)
     bar, on_step = _progress(train_cfg.steps)
     t0 = time.perf_counter()
     try:
-        out = train_unet(model.unet, examples, adapter_cfg, train_cfg, out_dir, args.name,
-                         export, model.schedule, Callbacks(on_step=on_step), args.resume,
-                         model.layout, model.predict)
+        out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
+                              export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
+                              resume=args.resume, resume_force=args.resume_force, run=run,
+                              precision=PrecisionConfig(args.training_dtype, args.adapter_dtype),
+                              extra_metadata={"lora2.name": args.name,
+                                              "ss_output_name": args.name})
     except TrainingInterrupted as exc:
         bar.close()
-        print(f"\n{exc}. Resume with: --resume {exc.checkpoint}", file=sys.stderr)
-        return 130
+        _say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
+        return 128 + (exc.signal or 2)
     except NonFiniteLoss as exc:
         bar.close()
-        print(f"\nerror: {exc}", file=sys.stderr)
+        _say(f"\nerror: {exc}")
         return 1
     finally:
         bar.close()
@@ -91,8 +112,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
-    for p in (out.lora, out.report_json, out.rank_map, out.loss_plot):
-        print("wrote", p)
+    for p in run.outputs():
+        _say(f"wrote {p}", sys.stdout)
     return 0
 
 
@@ -114,12 +135,13 @@ def cmd_report(args) -> int:
 
     lora = read_lora(args.file)
     rep = report_from_file(lora)
-    print(f"{args.file}: style {lora.style}, family {lora.family() or 'unknown'}, "
-          f"{'LoRA2' if lora.lora2_modules() else 'not a LoRA2 file (no lora2 metadata)'}")
-    print(rep.table())
+    _say(f"{args.file}: style {lora.style}, family {lora.family() or 'unknown'}, "
+         f"{'LoRA2' if lora.lora2_modules() else 'not a LoRA2 file (no lora2 metadata)'}",
+         sys.stdout)
+    _say(rep.table(), sys.stdout)
     if args.png:
         save_figure(rank_map_figure(rep, Path(args.file).name), args.png, overwrite=False)
-        print("wrote", args.png)
+        _say(f"wrote {args.png}", sys.stdout)
     return 0
 
 
@@ -133,13 +155,99 @@ def cmd_pad(args) -> int:
     rank = next(iter(padded.modules.values())).rank
     dest = Path(args.out) if args.out else src.with_name(f"{src.stem}_r{rank}.safetensors")
     write_lora(padded, dest, overwrite=args.overwrite)
-    print(f"padded {len(padded.modules)} modules to rank {rank} (alpha rescaled) → {dest}")
+    _say(f"padded {len(padded.modules)} modules to rank {rank} (alpha rescaled) → {dest}",
+         sys.stdout)
     return 0
+
+
+def _budget(args):
+    from .budget import Budget
+
+    if args.size_mb is not None:
+        return Budget.megabytes(args.size_mb)
+    if args.params is not None:
+        return Budget.of_params(args.params)
+    return Budget.of_error(args.error)
+
+
+def _write_result(result, dest: Path, overwrite: bool) -> int:
+    result.write(dest, overwrite=overwrite)
+    print(result.report().table())
+    print(result.summary())
+    print("wrote", dest)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress import compress
+    from .lycoris import read_any
+
+    budget = _budget(args)  # a bad budget is refused before the file is read
+    src = Path(args.file)
+    dest = Path(args.out) if args.out else src.with_name(f"{src.stem}_compressed.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    result = compress(read_any(src), budget, args.dtype)
+    return _write_result(result, dest, args.overwrite)
+
+
+def cmd_merge(args) -> int:
+    from .lycoris import read_any
+    from .merging import check_inputs, merge_loras
+
+    budget = _budget(args)
+    weights = args.weights or [1.0] * len(args.files)
+    check_inputs(args.files, weights, args.method, args.density)
+    dest = Path(args.out) if args.out else Path(args.files[0]).with_name(
+        f"merged_{args.method}.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    loras = [read_any(f) for f in args.files]
+    result = merge_loras(loras, weights, args.method, budget, density=args.density,
+                         seed=args.seed, dtype=args.dtype)
+    return _write_result(result, dest, args.overwrite)
+
+
+def cmd_extract(args) -> int:
+    from .compress import SAVE_DTYPES
+    from .extract import extract_files
+    from .formats.keys import KNOWN_LAYOUTS, OTHER
+
+    budget = _budget(args)
+    tuned = Path(args.tuned)
+    dest = Path(args.out) if args.out else tuned.with_name(f"{tuned.stem}_lora.safetensors")
+    if dest.exists() and not args.overwrite:
+        raise FileExistsError(f"{dest} already exists: choose another --out or pass --overwrite")
+    result = extract_files(args.base, tuned, budget, style=args.key_style,
+                           layout=KNOWN_LAYOUTS.get(args.family, OTHER),
+                           dtype=SAVE_DTYPES[args.dtype or "float16"])
+    return _write_result(result, dest, args.overwrite)
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size-mb", type=float, help="file size on disk in MB (10^6 bytes), "
+                   "header and metadata included; the file lands within 2%% below it")
+    g.add_argument("--params", type=int, help="factor parameters, sum of r (m + n)")
+    g.add_argument("--error", type=float, help="relative Frobenius error of Delta W over the "
+                   "whole file, e.g. 0.05: the smallest file within it")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="save dtype (default: the input's)")
+    p.add_argument("--out", default=None, help="output file (never overwritten without "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--model", default="tiny-sdxl",
-                   help="tiny-sdxl (default), tiny-sd15, or a diffusers SD1.x/SDXL folder")
+                   help="tiny-sdxl (default), tiny-sd15, tiny-flux, or a diffusers SD1.x/SDXL "
+                        "folder")
+    p.add_argument("--training-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--targets", default="attention",
+                   help="attention (default), attention+mlp, or comma-separated module name "
+                        "suffixes")
     p.add_argument("--token", default="sks", help="instance token (DreamBooth)")
     p.add_argument("--class-noun", default=None, help="class noun, e.g. dog")
     p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS))
@@ -150,6 +258,8 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--resume", default=None, help="a .state.safetensors checkpoint")
+    p.add_argument("--resume-force", action="store_true",
+                   help="resume even though settings or photos differ from the state's")
     for k, t in (("lr", float), ("nu-lr", float), ("lambda-r", float), ("lambda-e", float),
                  ("r-target", float), ("init-rank", int), ("r-max", int),
                  ("checkpoint-every", int)):
@@ -176,23 +286,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("pad", help="zero-pad every module to one rank for merge tools")
     p.add_argument("file")
-    p.add_argument("--rank", type=int, default=None, help="target rank (default: the largest)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="target rank (default: the largest; at most 4096)")
     p.add_argument("--out", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_pad)
+    p = sub.add_parser("compress", help="shrink a LoRA (kohya, ComfyUI, diffusers, LoCon, "
+                       "LoHa, LoKr) to a size budget, ranks chosen jointly over the file")
+    p.add_argument("file")
+    _budget_args(p)
+    p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("merge", help="merge LoRAs (linear, TIES, DARE) into one "
+                       "adaptive-rank LoRA under a size budget")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one weight per file (default 1 each)")
+    p.add_argument("--method", default="linear", choices=("linear", "ties", "dare"))
+    p.add_argument("--density", type=float, default=0.5,
+                   help="TIES/DARE: fraction of each update's entries kept (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="DARE's random drop")
+    _budget_args(p)
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("extract", help="extract an adaptive-rank LoRA from a fine-tuned model "
+                       "(tuned - base) under a size budget")
+    p.add_argument("base", help="the base model (.safetensors)")
+    p.add_argument("tuned", help="the fine-tuned model (.safetensors, same architecture)")
+    p.add_argument("--family", default="other", choices=("sd15", "sdxl", "other"),
+                   help="names the modules the way loaders expect for this family")
+    p.add_argument("--key-style", default="comfy", choices=cfgmod.KEY_STYLES,
+                   help="comfy (default: ComfyUI maps every module), kohya or diffusers")
+    _budget_args(p)
+    p.set_defaults(func=cmd_extract)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import SubjectDataError
-    from .formats.io import LoraFileError
-    from .merge import PadRankError
+def _say(msg: str, stream=None) -> None:
+    """Print one line that survives any name: undecodable bytes are shown as ``\\xff``."""
+    stream = stream or sys.stderr
+    enc = getattr(stream, "encoding", None) or "utf-8"
+    raw = msg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    print(raw.encode(enc, "backslashreplace").decode(enc), file=stream, flush=True)
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training: handled like Ctrl-C (training handles both itself)."""
+
+
+def _on_sigterm(_sig, _frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. The one error boundary of the CLI: every failure is one line that
+    names the culprit and the fix, never a traceback (``LORA2_DEBUG=1`` shows them). Nothing
+    heavy is imported before the ``try``, so even a Ctrl-C while torch loads is caught."""
+    import os
+    import signal
+    import threading
+    import warnings
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    debug = os.environ.get("LORA2_DEBUG", "") not in ("", "0")
+    formatwarning = warnings.formatwarning  # engine warnings as one "warning: ..." line
+    warnings.formatwarning = lambda msg, *_a, **_k: f"warning: {msg}\n"
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ConfigError, SubjectDataError, LoraFileError, PadRankError, FileExistsError,
-            ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # the pack's errors (ConfigError, LoraFileError...) are these
+        if debug:
+            raise
+        _say(f"error: {exc}")
         return 2
+    except OSError as exc:  # disk full, read-only, name too long, a file where a folder goes...
+        if debug:
+            raise
+        from .formats.io import explain_oserror  # (imported here: torch loads with it)
+
+        _say(f"error: {explain_oserror(exc)}")
+        return 2
+    except KeyboardInterrupt as exc:  # before or after training (training handles its own)
+        if debug:
+            raise
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        _say(f"\ninterrupted by {how}; no file was left half-written")
+        return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # a bug: one line, and where to report it
+        if debug:
+            raise
+        _say(f"error: unexpected {type(exc).__name__}: {exc}. This is a bug in LoRA2: please "
+             "report it with the command you ran (LORA2_DEBUG=1 shows the traceback)")
+        return 1
+    finally:
+        warnings.formatwarning = formatwarning
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -16,6 +16,7 @@ FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 KEY_STYLES: tuple[str, ...] = ("kohya", "comfy", "diffusers")
 INITS: tuple[str, ...] = ("kaiming", "paper")
 SLOT_INITS: tuple[str, ...] = ("gradient", "random")
+MAX_LAMBDA = 1e3  # regulariser weights above this only drown the task loss (or overflow it)
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,12 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, name, v,
                    "use a finite value >= 0")
+        for name in ("lambda_r", "lambda_e"):  # larger weights overflow the loss to inf
+            _check(getattr(self, name) <= MAX_LAMBDA, name, getattr(self, name),
+                   f"use a weight in [0, {MAX_LAMBDA:g}] (the paper uses 1e-4)")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool)
+               and 0 <= self.seed < 2**64, "seed", self.seed,
+               "use an integer between 0 and 2**64 - 1")
         for name in ("batch_size", "grad_accum"):
             v = getattr(self, name)
             _check(isinstance(v, int) and 1 <= v <= 4096, name, v, "use an integer >= 1")

@@ -6,6 +6,7 @@ usable image at all is an error that names the folder and each file's problem.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 32  # smaller images carry no usable detail at any training resolution
 MAX_PIXELS = 100_000_000  # above this PIL's decompression-bomb guard would trigger anyway
+MAX_ASPECT = 16  # a 32x3,000,000 strip cropped to 512 px would be upscaled to 3.6 GB
 
 
 class SubjectDataError(ValueError):
@@ -109,6 +111,11 @@ def load_image(path: str | os.PathLike, resolution: int, mode: str = "crop") -> 
             if im.width * im.height > MAX_PIXELS:
                 raise ValueError(f"{im.width}x{im.height} is too large (over {MAX_PIXELS:,} "
                                  "pixels): downscale it first")
+            ratio = max(im.width, im.height) / max(min(im.width, im.height), 1)
+            if ratio > MAX_ASPECT:
+                raise ValueError(f"{im.width}x{im.height} is a {ratio:.0f}:1 strip (over "
+                                 f"{MAX_ASPECT}:1); resizing it would take huge memory: crop "
+                                 "it to the subject first")
             im.load()
             rgb = to_rgb(im)
     except UnidentifiedImageError:
@@ -127,8 +134,12 @@ def load_image(path: str | os.PathLike, resolution: int, mode: str = "crop") -> 
 
 
 def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
-                 mode: str = "crop") -> SubjectData:
-    """Read every image of ``folder``; a ``name.txt`` beside ``name.jpg`` overrides ``prompt``."""
+                 mode: str = "crop", within: str | os.PathLike | None = None) -> SubjectData:
+    """Read every image of ``folder``; a ``name.txt`` beside ``name.jpg`` overrides ``prompt``.
+
+    With ``within``, a file whose real path (symlinks resolved) leaves that folder is skipped
+    unopened, and its target is not named.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise SubjectDataError(f"{folder}: no such folder; give a folder of subject photos")
@@ -136,8 +147,9 @@ def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
         raise SubjectDataError(f"mode={mode!r}: choose 'crop' or 'bucket'")
     if not isinstance(resolution, int) or not 64 <= resolution <= 4096 or resolution % 8:
         raise SubjectDataError(f"resolution={resolution!r}: use a multiple of 8 in [64, 4096]")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images, skipped = [], []
+    files, skipped = _regular_files(folder, within)
+    captions = _captions_by_stem(files)
+    images = []
     stems = set()
     for p in files:
         if p.suffix.lower() == ".txt":
@@ -146,11 +158,11 @@ def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
             skipped.append((p.name, f"not an image file ({p.suffix or 'no extension'})"))
             continue
         try:
+            caption = _caption_for(p, captions) or prompt
             pixels = load_image(p, resolution, mode)
         except ValueError as exc:
             skipped.append((p.name, str(exc)))
             continue
-        caption = _caption_for(p) or prompt
         images.append(SubjectImage(p, pixels, caption))
         stems.add(p.stem)
     orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.stem not in stems
@@ -163,12 +175,78 @@ def load_subject(folder: str | os.PathLike, prompt: str, resolution: int = 512,
     return SubjectData(images, skipped, orphans)
 
 
-def _caption_for(image_path: Path) -> str | None:
-    txt = image_path.with_suffix(".txt")
-    if not txt.is_file():
-        return None
+def _regular_files(folder: Path, within) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The folder's regular files, sorted; links that loop, dangle or leave ``within``, FIFOs,
+    sockets and devices are skipped with the reason (and never opened: a FIFO would block)."""
+    import stat
+
+    root = Path(within).resolve() if within is not None else None
+    files, skipped = [], []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            if root is not None and not path.resolve().is_relative_to(root):
+                skipped.append((entry.name, "links outside the allowed folder; not read"))
+                continue
+            mode = os.stat(path).st_mode
+        except RuntimeError:  # Python < 3.13: resolve() on a symlink loop
+            skipped.append((entry.name, "a symbolic link loop: remove or fix it"))
+            continue
+        except OSError as exc:
+            why = {errno.ELOOP: "a symbolic link loop", errno.ENOENT: "a broken symbolic link"}
+            skipped.append((entry.name, why.get(exc.errno, f"cannot be read ({exc.strerror})")
+                            + ": remove or fix it"))
+            continue
+        if stat.S_ISREG(mode):
+            files.append(path)
+        elif not stat.S_ISDIR(mode):
+            skipped.append((entry.name, "not a regular file (FIFO, socket or device); not read"))
+    return files, skipped
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A text file decoded as people write them: UTF-8 (with or without a BOM), UTF-16 and
+    UTF-32 with a BOM (Windows Notepad's "Unicode"). Anything else is a ``ValueError`` naming
+    the file and the first bad byte, never mojibake."""
+    import codecs
+
+    data = Path(path).read_bytes()
+    boms = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before 16
+            (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+            (codecs.BOM_UTF16_BE, "utf-16"))
+    enc = next((e for bom, e in boms if data.startswith(bom)), "utf-8")
     try:
-        text = txt.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        text = txt.read_text(encoding="latin-1").strip()
+        text = data.decode(enc)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{Path(path).name}: byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start} is not {enc.upper().replace('-SIG', '')} text: save it "
+                         "as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError(f"{Path(path).name}: contains NUL characters (UTF-16 without a byte "
+                         "order mark?): save it as UTF-8")
+    return text
+
+
+def _captions_by_stem(files: list[Path]) -> dict[str, list[Path]]:
+    """Caption files by stem; ``.txt``, ``.TXT`` and ``.Txt`` are all captions."""
+    out: dict[str, list[Path]] = {}
+    for p in files:
+        if p.suffix.lower() == ".txt":
+            out.setdefault(p.stem, []).append(p)
+    return out
+
+
+def _caption_for(image_path: Path, captions: dict[str, list[Path]]) -> str | None:
+    """The caption beside an image (``None``: use the prompt); ``ValueError`` if unreadable."""
+    found = captions.get(image_path.stem, [])
+    if len(found) > 1:
+        raise ValueError(f"has {len(found)} captions ({', '.join(p.name for p in found)}): "
+                         "keep one")
+    if not found:
+        return None
+    text = read_text_file(found[0])
     return " ".join(text.split()) or None

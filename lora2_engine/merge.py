@@ -13,14 +13,16 @@ import torch
 
 from .formats.lora_file import LoraFile, ModuleWeights
 
+MAX_PAD_RANK = 4096  # the nodes' and r_max's limit; a padded file grows linearly with it
+
 
 class PadRankError(ValueError):
-    """The requested rank is below a module's rank: padding cannot shrink."""
+    """The requested rank is below a module's rank (padding cannot shrink) or above the cap."""
 
 
 def pad_module(w: ModuleWeights, rank: int) -> ModuleWeights:
     r = w.rank
-    if rank < r:
+    if rank < r or r == 0:
         raise PadRankError(f"cannot pad a rank-{r} module to rank {rank}")
     extra = rank - r
     down = torch.cat([w.down, w.down.new_zeros((extra, *w.down.shape[1:]))], 0)
@@ -38,6 +40,10 @@ def pad_lora(lora: LoraFile, rank: int | None = None) -> LoraFile:
         raise PadRankError(
             f"rank={rank} is below the largest rank in the file ({largest}, module {worst!r}): "
             f"use --rank {largest} or more")
+    if rank > max(MAX_PAD_RANK, largest):
+        raise PadRankError(f"rank={rank} is above {MAX_PAD_RANK}, the largest rank padding "
+                           f"makes (the file would grow {rank // largest}x): use --rank "
+                           f"{largest}..{MAX_PAD_RANK}")
     meta = dict(lora.metadata)
     meta["lora2.padded_to"] = str(rank)
     meta["ss_network_dim"] = str(rank)

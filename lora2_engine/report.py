@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .formats.io import atomic_write_bytes
+from .formats.io import atomic_write_bytes, parse_json_metadata
 from .formats.lora_file import LoraFile
 
 
@@ -18,12 +18,16 @@ class ComponentRow:
     rank: int
     params: int
     nu: float | None = None
+    rel_error: float | None = None  # ||dW - dW'||_F / ||dW||_F after compression or merging
 
 
 @dataclass
 class RankReport:
     rows: list[ComponentRow]
     bytes_per_param: int = 4
+    budget: str | None = None  # the size budget a compressed or merged file was made for
+    file_bytes: int | None = None  # the file's size on disk (header and metadata included)
+    total_rel_error: float | None = None  # relative Delta W error over the whole file
 
     @property
     def total_params(self) -> int:
@@ -41,21 +45,33 @@ class RankReport:
                 "total_params": self.total_params,
                 "megabytes": self.total_params * self.bytes_per_param / 1e6,
                 "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks),
-                "max_rank": max(ranks), "uniform_rank_same_size": self.uniform_rank}
+                "max_rank": max(ranks), "uniform_rank_same_size": self.uniform_rank,
+                "budget": self.budget, "file_bytes": self.file_bytes,
+                "total_rel_error": self.total_rel_error}
 
     def table(self) -> str:
         """A plain-text table, one line per component, then totals."""
         w = max(len(r.name) for r in self.rows)
-        lines = [f"{'component':<{w}}  rank  {'params':>10}  {'MB':>8}  nu"]
+        errors = any(r.rel_error is not None for r in self.rows)
+        lines = [f"{'component':<{w}}  rank  {'params':>10}  {'MB':>8}  "
+                 + ("rel.error  " if errors else "") + "nu"]
         for r in self.rows:
             nu = "" if r.nu is None else f"{r.nu:.4f}"
             mb = r.params * self.bytes_per_param / 1e6
-            lines.append(f"{r.name:<{w}}  {r.rank:>4}  {r.params:>10,}  {mb:>8.3f}  {nu}")
+            err = "" if not errors else ("-" if r.rel_error is None else f"{r.rel_error:.4f}")
+            lines.append(f"{r.name:<{w}}  {r.rank:>4}  {r.params:>10,}  {mb:>8.3f}  "
+                         + (f"{err:>9}  " if errors else "") + nu)
         j = self.to_json()
         lines.append(f"total: {len(self.rows)} components, {j['total_params']:,} params, "
                      f"{j['megabytes']:.2f} MB, ranks {j['min_rank']}..{j['max_rank']} "
                      f"(mean {j['mean_rank']:.1f}); same size as uniform rank "
                      f"{j['uniform_rank_same_size']:.1f}")
+        if self.budget is not None or self.total_rel_error is not None:  # compressed/merged
+            size = "" if self.file_bytes is None else f"file {self.file_bytes:,} bytes"
+            budget = "" if self.budget is None else f"budget {self.budget}"
+            err = ("" if self.total_rel_error is None
+                   else f"total relative Delta W error {self.total_rel_error:.4f}")
+            lines.append("; ".join(x for x in (size, budget, err) if x))
         return "\n".join(lines)
 
 
@@ -70,18 +86,37 @@ def report_from_file(lora: LoraFile) -> RankReport:
     ours = lora.lora2_modules() or {}
     by_key = {rec.get("key"): (name, rec) for name, rec in ours.items()
               if isinstance(rec, dict)}
+    comp = parse_json_metadata(lora.metadata, "lora2.compression", lora.path or "file")
+    comp = comp if isinstance(comp, dict) else {}
+    errors = comp.get("rel_error") if isinstance(comp.get("rel_error"), dict) else {}
     rows = []
     for key, w in lora.modules.items():
         name, rec = by_key.get(key, (key, {}))
         m, n = w.up.shape[0], w.down.flatten(1).shape[1]
-        rows.append(ComponentRow(name, w.rank, w.rank * (m + n), rec.get("nu")))
+        rows.append(ComponentRow(name, w.rank, w.rank * (m + n), rec.get("nu"), errors.get(key)))
     bpp = next(iter(lora.modules.values())).down.element_size()
-    return RankReport(rows, bpp)
+    size = lora.path.stat().st_size if lora.path and Path(lora.path).is_file() else None
+    total = comp.get("total_rel_error")
+    return RankReport(rows, bpp, _budget_text(comp.get("budget")), size,
+                      float(total) if isinstance(total, (int, float)) else None)
+
+
+def _budget_text(raw) -> str | None:
+    from .budget import Budget, BudgetError
+
+    try:
+        return Budget(raw["kind"], raw["value"]).describe() if isinstance(raw, dict) else None
+    except (BudgetError, KeyError, TypeError):
+        return None
+
+
+def report_bytes(report: RankReport) -> bytes:
+    """The report as the JSON file holds it."""
+    return json.dumps(report.to_json(), indent=1).encode()
 
 
 def save_json(report: RankReport, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    data = json.dumps(report.to_json(), indent=1).encode()
-    return atomic_write_bytes(path, data, overwrite=overwrite)
+    return atomic_write_bytes(path, report_bytes(report), overwrite=overwrite)
 
 
 _BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks|down_blocks|mid_block|up_blocks)"
@@ -151,7 +186,8 @@ def loss_figure(history: list[dict], title: str = "training loss"):
     return fig
 
 
-def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
     import io
 
     import matplotlib.pyplot as plt
@@ -159,4 +195,8 @@ def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    return atomic_write_bytes(path, figure_png(fig), overwrite=overwrite)

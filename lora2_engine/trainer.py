@@ -30,12 +30,16 @@ LossFn = Callable[[dict, torch.Generator], torch.Tensor]
 
 
 class TrainingInterrupted(RuntimeError):
-    """Training stopped on request (cancel, Ctrl-C); ``checkpoint`` resumes it."""
+    """Training stopped on request (cancel, Ctrl-C, SIGTERM); ``checkpoint`` resumes it.
 
-    def __init__(self, step: int, checkpoint: Path | None) -> None:
+    ``signal`` is the signal number that asked for the stop (``None``: a cancel callback).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, signal: int | None = None) -> None:
         where = f"; resume from {checkpoint}" if checkpoint else ""
-        super().__init__(f"training cancelled at step {step}{where}")
-        self.step, self.checkpoint = step, checkpoint
+        how = {2: "by Ctrl-C", 15: "by SIGTERM"}.get(signal, "")
+        super().__init__(f"training cancelled {how + ' ' if how else ''}at step {step}{where}")
+        self.step, self.checkpoint, self.signal = step, checkpoint, signal
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,7 +92,7 @@ class Trainer:
         self.history: list[dict] = []
         self._order = torch.empty(0, dtype=torch.long)
         self._pos = 0
-        self._stop = False
+        self._stop: int | None = None  # the signal that asked to stop
         # running statistics of the objective (checkpointed): the first steps' mean task loss
         # (task_norm="initial") and the EMA of the squared task gradient of nu ("normalized")
         self.stats = {"loss_sum": 0.0, "loss_n": 0, "nu_sq": 0.0, "nu_n": 0}
@@ -262,7 +266,7 @@ class Trainer:
         with self._sigint_as_request(), blocks:
             while self.step < steps:
                 if self._stop or (cb.should_stop and cb.should_stop()):
-                    raise TrainingInterrupted(self.step, self._save_if_possible())
+                    raise TrainingInterrupted(self.step, self._save_if_possible(), self._stop)
                 rec = self.train_step()
                 if cb.on_step:
                     cb.on_step(self, rec)
@@ -275,18 +279,22 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sigint_as_request(self):
+        """Ctrl-C and SIGTERM (docker stop, job schedulers) stop at the next step boundary
+        with a checkpoint, instead of killing the run where it stands."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
-        def handler(_sig, _frame):
-            self._stop = True
+        def handler(sig, _frame):
+            self._stop = sig
 
-        previous = signal.signal(signal.SIGINT, handler)
+        sigs = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+        previous = {s: signal.signal(s, handler) for s in sigs}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     # -- checkpoints -----------------------------------------------------------------------
     def _save_if_possible(self) -> Path | None:
@@ -313,24 +321,45 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["data.order"] = self._order
         meta = {"lora2.checkpoint": "1", "step": str(self.step), "data.pos": str(self._pos),
+                "data.size": str(len(self.dataset)),
                 "ranks": json.dumps(ranks), "pending": json.dumps(pending),
                 "stats": json.dumps(self.stats), "history": json.dumps(self.history),
                 "train_config": json.dumps(to_dict(self.config))}
+        if self.adapters.config is not None:
+            meta["adapter_config"] = json.dumps(to_dict(self.adapters.config))
         return save_tensors(path, tensors, meta, overwrite=True)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a state written by :meth:`save_checkpoint` into this trainer."""
-        from .formats.io import LoraFileError, parse_json_metadata
+    def load_checkpoint(self, path: str | os.PathLike, allow_changes: bool = False) -> None:
+        """Restore a state written by :meth:`save_checkpoint` into this trainer.
 
-        tensors, meta = load_tensors(path)
-        if meta.get("lora2.checkpoint") != "1":
-            raise LoraFileError(f"{path}: not a LoRA2 training checkpoint")
-        ranks = parse_json_metadata(meta, "ranks", path)
-        pending = parse_json_metadata(meta, "pending", path) or {}
-        self.stats.update(parse_json_metadata(meta, "stats", path) or {})
-        if set(ranks) != set(self.adapters.layers):
+        The file is checked first (``resume.py``): keys, shapes, types, finite values, and
+        that this run's settings, model and data match the state's; differences are refused
+        unless ``allow_changes`` (they are then warned about).
+        """
+        import warnings
+
+        from .formats.io import LoraFileError
+        from .resume import (
+            check_data_size,
+            check_settings,
+            check_state_tensors,
+            state_metadata,
+        )
+
+        tensors, raw = load_tensors(path)
+        meta = state_metadata(raw, path)
+        if set(meta["ranks"]) != set(self.adapters.layers):
             raise LoraFileError(f"{path}: checkpoint modules differ from the attached adapters "
                                 "(other model or targets); resume with the same settings")
+        check_state_tensors(tensors, meta, path, self.adapters.layers)
+        adapter_cfg = to_dict(self.adapters.config) if self.adapters.config else None
+        for change in check_settings(meta, to_dict(self.config), adapter_cfg, path,
+                                     allow_changes):
+            warnings.warn(f"resuming {path} with a changed setting: {change}", stacklevel=2)
+        keep_order = check_data_size(meta, tensors["data.order"], len(self.dataset), path,
+                                     allow_changes)
+        ranks, pending = meta["ranks"], meta["pending"]
+        self.stats.update(meta["stats"])
         with torch.no_grad():
             for name, layer in self.adapters.layers.items():
                 layer.A.data = tensors[f"adapter.{name}.A"].to(layer.A.device).clone()
@@ -345,10 +374,14 @@ class Trainer:
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
+                if not i.isdigit() or int(i) >= len(params) or (
+                        value.ndim and value.shape != params[int(i)].shape):
+                    raise LoraFileError(f"{path}: optimizer entry {key!r} does not fit this "
+                                        "run's parameters; resume with the same settings")
                 self.optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device)
         self.generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
-        self._order = tensors["data.order"]
-        self._pos = int(meta["data.pos"])
-        self.step = int(meta["step"])
-        self.history = parse_json_metadata(meta, "history", path) or []
+        self._order = tensors["data.order"] if keep_order else torch.empty(0, dtype=torch.long)
+        self._pos = meta["data.pos"] if keep_order else 0
+        self.step = meta["step"]
+        self.history = meta["history"]

@@ -20,7 +20,9 @@ class LoadSubjectImages(io.ComfyNode):
                         "unreadable files are skipped and named.",
             inputs=[
                 io.String.Input("folder", default="subject",
-                                tooltip="folder of photos: absolute, or inside ComfyUI/input"),
+                                tooltip="folder of photos inside ComfyUI/input, e.g. 'subject' "
+                                        "(other folders only if the server's owner set "
+                                        "LORA2_ALLOW_ANY_FOLDER=1)"),
                 io.String.Input("instance_token", default="sks",
                                 tooltip="rare word that will mean your subject"),
                 io.String.Input("class_noun", default="dog", tooltip="what the subject is"),
@@ -42,7 +44,7 @@ class LoadSubjectImages(io.ComfyNode):
             subject = core.subject_from_images(images, prompt, resolution, mode)
         else:
             subject = core.subject_from_folder(bridge.input_folder(folder), prompt, resolution,
-                                               mode)
+                                               mode, within=bridge.input_root())
         batch = core.to_image_batch(subject.pixels)
         captions = "\n".join(subject.captions)
         return io.NodeOutput(subject, batch, captions, ui=show(cls, subject.summary(), batch))

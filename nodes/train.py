@@ -1,7 +1,9 @@
 """TrainAdaptiveLoRA: MODEL + CLIP + VAE + SUBJECT → ADAPTIVE_LORA (and a file in models/loras).
 
-The incoming MODEL is never changed: adapters are attached to its UNet for the run and
-detached in ``finally``, and ``core.train_adapters`` verifies the module tree and weights.
+The run is the engine's ``diffusion.train_diffusion`` on ComfyUI's own denoiser (the MODEL's
+``apply_model`` and ``model_sampling``, from ``bridge``): no loss or sampler lives here. The
+incoming MODEL is never changed: adapters are attached for the run and detached in
+``finally``, and the engine verifies the module tree and weights afterwards.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 from comfy_api.latest import io
 
 from ..lora2_engine.config import PRESETS, ExportConfig
+from ..lora2_engine.diffusion import preview, train_diffusion
+from ..lora2_engine.formats.io import check_can_create, resolve_inside
+from ..lora2_engine.precision import ADAPTER_DTYPES, TRAINING_DTYPES, PrecisionConfig
 from ..lora2_engine.report import loss_figure
 from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 from . import bridge, core
@@ -21,10 +26,11 @@ from .types import ADAPTIVE_LORA, CATEGORY, SUBJECT, show
 
 PREVIEW_STEPS = 20
 STATE = ".state.safetensors"  # resumable training state, in output/lora2_checkpoints
-TARGETS = "to_q,to_k,to_v,to_out.0"
-# Styles whose keys stock ComfyUI maps for every UNet family. The engine's "diffusers" (PEFT)
-# names are not mapped by ComfyUI's LoRA loader (only the old attention-processor names are).
-COMFY_KEY_STYLES = ["kohya", "comfy"]
+TARGETS = "attention"
+# diffusers (PEFT) names load in stock ComfyUI only for some families (Flux: yes; SD1.5/SDXL:
+# no, ComfyUI maps only the old attention-processor names); the family entry says which.
+KEY_STYLES = ["kohya", "comfy", "diffusers"]
+CHECKPOINTING = ["auto", "on", "off"]
 
 
 def _inputs() -> list:
@@ -61,19 +67,27 @@ def _inputs() -> list:
         I("batch_size", default=1, min=1, max=64, optional=True),
         I("grad_accum", default=1, min=1, max=256, optional=True),
         io.String.Input("targets", default=TARGETS, optional=True,
-                        tooltip="comma-separated module name suffixes to adapt"),
-        io.Combo.Input("key_style", options=COMFY_KEY_STYLES, default="kohya", optional=True,
+                        tooltip="attention: the model family's attention projections; "
+                                "attention+mlp: also the MLPs; or comma-separated module name "
+                                "suffixes"),
+        io.Combo.Input("key_style", options=KEY_STYLES, default="kohya", optional=True,
                        tooltip="kohya: loads in ComfyUI, A1111/Forge, kohya; comfy: ComfyUI's "
-                               "own names"),
+                               "own names; diffusers: PEFT names (Flux: loads in ComfyUI too)"),
         io.Combo.Input("save_dtype", options=["float32", "float16", "bfloat16"],
                        default="float32", optional=True),
-        io.Boolean.Input("gradient_checkpointing", default=False, optional=True),
+        io.Combo.Input("gradient_checkpointing", options=CHECKPOINTING, default="auto",
+                       optional=True, tooltip="auto: on for DiTs (Flux), off for UNets"),
         I("checkpoint_every", default=0, min=0, max=100000, optional=True,
           tooltip="save a resumable state every N steps (0 = only on cancel)"),
         I("preview_every", default=0, min=0, max=100000, optional=True,
           tooltip="sample a preview every N steps (0 = off)"),
         io.String.Input("resume", default="", optional=True,
                         tooltip="a .state.safetensors in output/lora2_checkpoints to continue"),
+        io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
+                       optional=True, tooltip="autocast of each step. auto: bf16 on GPUs that "
+                       "have it (else fp16 + loss scaling), fp32 on the CPU (faster there)"),
+        io.Combo.Input("adapter_dtype", options=list(ADAPTER_DTYPES), default="fp32",
+                       optional=True, tooltip="dtype of the trained A/B matrices"),
     ]
 
 
@@ -91,56 +105,71 @@ class TrainAdaptiveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, steps, learning_rate, r_target, seed, filename,
-                clip=None, vae=None, subject=None, latents=None, positive=None, init_rank=0,
-                r_max=0, lambda_r=-1.0, lambda_e=-1.0, nu_lr=0.0,
-                batch_size=1, grad_accum=1, targets=TARGETS, key_style="kohya",
-                save_dtype="float32", gradient_checkpointing=False, checkpoint_every=0,
-                preview_every=0, resume="") -> io.NodeOutput:
-        u = core.unset_if
-        adapter_cfg, train_cfg = core.build_configs(preset, dict(
-            steps=steps, seed=seed, lr=u(learning_rate, 0), r_target=u(r_target, 0),
-            init_rank=u(init_rank, 0), r_max=u(r_max, 0), lambda_r=u(lambda_r, -1),
-            lambda_e=u(lambda_e, -1), nu_lr=u(nu_lr, 0), batch_size=batch_size,
-            grad_accum=grad_accum, targets=targets, checkpoint_every=checkpoint_every))
+                clip=None, vae=None, subject=None, latents=None, positive=None,
+                key_style="kohya", save_dtype="float32", preview_every=0, resume="",
+                training_dtype="auto", adapter_dtype="fp32", **options) -> io.NodeOutput:
+        family = bridge.require_family(model.model)
+        family.check_key_style(key_style, in_comfyui=True)
+        adapter_cfg, train_cfg = _configs(family, preset, steps, learning_rate, r_target, seed,
+                                          options)
+        precision = PrecisionConfig(training_dtype, adapter_dtype)
+        precision.resolve(bridge.compute_device())  # refuse e.g. fp16 on a CPU before work
         export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
         out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
         examples = core.stackable(bridge.training_examples(model, clip, vae, subject, latents,
-                                                           positive), batch_size)
+                                                           positive), train_cfg.batch_size)
         t0 = time.perf_counter()
         result, previews = _train(model, examples, adapter_cfg, train_cfg, export_cfg, out,
-                                  gradient_checkpointing, preview_every, resume)
+                                  preview_every, resume, precision)
         name = out.stem if out else "in-memory"
         lora = core.AdaptiveLora(result.lora, name, out, result.history)
         curve = core.figure_to_image(loss_figure(result.history, f"{name}: loss"))
         ranks = list(result.ranks.values())
         text = (f"{'saved ' + str(out) if out else 'not saved (no filename)'}\n"
-                f"{len(ranks)} modules, ranks {min(ranks)}..{max(ranks)} "
+                f"{family.display}: {len(ranks)} modules, ranks {min(ranks)}..{max(ranks)} "
                 f"(mean {sum(ranks) / len(ranks):.1f}), {train_cfg.steps} steps in "
                 f"{time.perf_counter() - t0:.1f} s")
         return io.NodeOutput(lora, curve, previews if previews is not None else curve,
                              ui=show(cls, text, curve))
 
 
+def _configs(family, preset: str, steps: int, learning_rate: float, r_target: float,
+             seed: int, options: dict):
+    """Adapter and training configs from the preset and the node's options (0 / -1 = the
+    preset's value; targets and gradient checkpointing resolved for the model's family)."""
+    u, o = core.unset_if, options
+    ckpt = o.get("gradient_checkpointing", "auto")
+    adapter_cfg, train_cfg = core.build_configs(preset, dict(
+        steps=steps, seed=seed, lr=u(learning_rate, 0), r_target=u(r_target, 0),
+        init_rank=u(o.get("init_rank", 0), 0), r_max=u(o.get("r_max", 0), 0),
+        lambda_r=u(o.get("lambda_r", -1), -1), lambda_e=u(o.get("lambda_e", -1), -1),
+        nu_lr=u(o.get("nu_lr", 0), 0), batch_size=o.get("batch_size", 1),
+        grad_accum=o.get("grad_accum", 1), targets=family.resolve_targets(
+            o.get("targets", TARGETS)), checkpoint_every=o.get("checkpoint_every", 0),
+        grad_checkpointing={"on": True, "off": False}.get(ckpt, family.grad_checkpointing)))
+    family.check_entropy(train_cfg.lambda_e)
+    return adapter_cfg, train_cfg
+
+
 def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None,
-           checkpointing: bool, preview_every: int, resume: str):
-    """Run the engine's trainer on the MODEL's UNet with ComfyUI's schedule and progress."""
+           preview_every: int, resume: str, precision: PrecisionConfig | None = None):
+    """The engine's training path on ComfyUI's denoiser, with ComfyUI's progress and cancel."""
     stem = out.stem if out else f"lora2_{uuid.uuid4().hex[:8]}"
     resume_path = _resume_path(resume)
     state = bridge.checkpoint_folder() / f"{stem}{STATE}"
     if resume_path is None or state.resolve() != resume_path.resolve():
         state = core.free_path(bridge.checkpoint_folder(), stem, STATE)  # keep older states
+    check_can_create([p for p in (out, state) if p])  # writable, names fit: before training
     progress, previews = bridge.Progress(train_cfg.steps), []
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), bridge.training_mode():
         target = bridge.load_for_training(model)
+        core.release_inference_tensors(target.denoiser.module)
         data = bridge.to_device(examples, target.device)
         first = {k: v[None] for k, v in data[0].items() if k != "latents"}
 
         def on_preview(trainer) -> None:
-            trainer.entropy.enabled = False
-            lat = core.euler_sample(target.apply_model, target.model_sampling, first,
-                                    (1, *data[0]["latents"].shape), PREVIEW_STEPS,
-                                    train_cfg.seed, target.device)
-            trainer.entropy.enabled = True
+            lat = preview(trainer, target.denoiser, first, tuple(data[0]["latents"].shape),
+                          PREVIEW_STEPS, train_cfg.seed, target.device)
             img = bridge.latent_preview(lat, target.rgb_factors)
             if img is not None:
                 previews.append(img)
@@ -154,12 +183,10 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
         bridge.log.info("LoRA² training %s: %d examples, %d steps", stem, len(data),
                         train_cfg.steps)
         try:
-            result = core.train_adapters(
-                target.module, data, core.denoising_loss(target.apply_model,
-                                                         target.model_sampling),
-                adapter_cfg, train_cfg, export_cfg, target.layout, callbacks=callbacks,
-                checkpoint_path=state, resume=resume_path, out_file=out,
-                checkpointing=checkpointing,
+            result = train_diffusion(
+                target.denoiser, data, target.family, adapter_cfg, train_cfg, export_cfg,
+                layout=target.layout, callbacks=callbacks, checkpoint_path=state,
+                resume=resume_path, out_file=out, precision=precision,
                 extra_metadata={"lora2.name": stem, "ss_output_name": stem,
                                 "lora2.trained_in": "ComfyUI"})
         except TrainingInterrupted as exc:
@@ -167,18 +194,20 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
             raise bridge.interrupted() from exc
         except NonFiniteLoss as exc:
             raise RuntimeError(f"LoRA²: {exc}") from None
-    state.unlink(missing_ok=True)
     batch = torch.cat(previews) if previews else None
     return result, batch
 
 
 def _resume_path(resume: str) -> Path | None:
+    """A state in output/lora2_checkpoints (anywhere only with LORA2_ALLOW_ANY_FOLDER=1)."""
     if not resume.strip():
         return None
-    path = Path(resume.strip()).expanduser()
-    if not path.is_absolute():
-        path = bridge.checkpoint_folder() / core.safe_relative_name(resume, STATE)
+    folder = bridge.checkpoint_folder()
+    fix = f"give the name of a {STATE} file in output/{bridge.CHECKPOINT_FOLDER}"
+    name = resume.strip()
+    name += "" if name.lower().endswith(STATE) else STATE
+    path = resolve_inside(folder, name, "resume", fix)
     if not path.is_file():
-        raise ValueError(f"resume: {path} does not exist; pick a .state.safetensors from "
-                         f"{bridge.checkpoint_folder()}")
+        raise ValueError(f"resume: {resume.strip()!r} is not in output/"
+                         f"{bridge.CHECKPOINT_FOLDER}: {fix}")
     return path

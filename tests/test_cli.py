@@ -16,10 +16,11 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_writes_adapter_report_and_plots(demo_run):
-    for name in ("lora2_demo.safetensors", "rank_report.json", "rank_report.png", "loss.png"):
+    for name in ("lora2_demo.safetensors", "lora2_demo.rank_report.json",
+                 "lora2_demo.rank_report.png", "lora2_demo.loss.png", "lora2_demo.config.json"):
         assert (demo_run / name).stat().st_size > 0, name
     assert not (demo_run / "lora2_demo.state.safetensors").exists()  # removed after export
-    rep = json.loads((demo_run / "rank_report.json").read_text())
+    rep = json.loads((demo_run / "lora2_demo.rank_report.json").read_text())
     sd = load_file(str(demo_run / "lora2_demo.safetensors"))
     downs = {k: v for k, v in sd.items() if k.endswith("lora_down.weight")}
     assert len(downs) == len(rep["components"]) == 168  # tiny SDXL: 42 attention modules x 4

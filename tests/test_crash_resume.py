@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL, or stopped with Ctrl-C, resumes to the very same adapter.
+"""A run killed with SIGKILL, or stopped with Ctrl-C or SIGTERM, resumes to the very same adapter.
 
 All three runs are CLI subprocesses with one thread each (same arithmetic), on the tiny
 SD1.5-shaped UNet at 64 px. Comparison: bit-identical tensors (torch.equal), CPU, fixed seed.
@@ -7,6 +7,7 @@ SD1.5-shaped UNet at 64 px. Comparison: bit-identical tensors (torch.equal), CPU
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,3 +90,38 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, reference):
     assert "Resume with: --resume" in err
     assert not list(tmp_path.glob("*.tmp"))
     _resume_and_compare(tmp_path, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path, reference):
+    """docker stop, systemd and job schedulers send SIGTERM: treated as Ctrl-C."""
+    rc, err = _interrupt(tmp_path, signal.SIGTERM, after_step=3)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert "training cancelled by SIGTERM at step" in err and "Resume with: --resume" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    _resume_and_compare(tmp_path, reference)
+
+
+@pytest.mark.parametrize("after_import", ["torch", "lora2_engine.models.tiny"])
+def test_ctrl_c_in_the_first_seconds_is_one_line(tmp_path, after_import):
+    """Ctrl-C while Python imports torch, or while the model is built: one line and exit 130
+    (the line depends on where it lands: before training, or a cancelled first step).
+    ``-X importtime`` reports each import as it finishes, so the signal is sent at a known
+    point, not after a guessed delay."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", *_cmd(tmp_path)[1:]],
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if re.search(rf"\|\s+{re.escape(after_import)}(\.|$)", line.rstrip()):
+            break  # (for torch: its first submodule, so torch is still loading)
+    proc.send_signal(signal.SIGINT)
+    err = "".join(err) + proc.stderr.read()
+    proc.wait(120)
+    err = "\n".join(ln for ln in err.splitlines() if not ln.startswith("import time:"))
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert re.search(r"interrupted by Ctrl-C; no file was left half-written|training "
+                     r"cancelled by Ctrl-C at step", err), err[-2000:]
+    assert not (tmp_path / "run.safetensors").exists() and not list(tmp_path.glob(".*"))

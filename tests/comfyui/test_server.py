@@ -25,8 +25,9 @@ EXPECTED = {  # node id → (required inputs, optional inputs, output types)
          "positive": "CONDITIONING", "init_rank": "INT", "r_max": "INT", "lambda_r": "FLOAT",
          "lambda_e": "FLOAT",
          "nu_lr": "FLOAT", "batch_size": "INT", "grad_accum": "INT", "targets": "STRING",
-         "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "BOOLEAN",
-         "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING"},
+         "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "COMBO",
+         "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING",
+         "training_dtype": "COMBO", "adapter_dtype": "COMBO"},
         ["ADAPTIVE_LORA", "IMAGE", "IMAGE"]),
     "LoRA2_ApplyAdaptiveLoRA": (
         {"model": "MODEL", "strength_model": "FLOAT"},
@@ -111,13 +112,13 @@ def test_workflow_trains_saves_reports_applies_and_samples(server, trained):
     assert not (server.base / "output" / "lora2_checkpoints" / "e2e.state.safetensors").exists()
 
 
-def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained):
-    start = len(server.log())
-    api = {
+def stock_loader_graph(lora_name: str, strength_model: float = 0.8) -> dict:
+    """Checkpoint → stock LoraLoader with ``lora_name`` → one sampling step → SaveLatent."""
+    return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "2": {"class_type": "LoraLoader", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "lora_name": "lora2/e2e.safetensors",
-            "strength_model": 0.8, "strength_clip": 1.0}},
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+            "strength_model": strength_model, "strength_clip": 1.0}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "sks dog", "clip": ["2", 1]}},
         "4": {"class_type": "EmptyLatentImage",
               "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -128,7 +129,11 @@ def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained)
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0],
                                                      "filename_prefix": "lora2/stock"}},
     }
-    server.run(api, timeout=600)
+
+
+def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained):
+    start = len(server.log())
+    server.run(stock_loader_graph("lora2/e2e.safetensors"), timeout=600)
     assert not_loaded(server, start) == []
 
 
@@ -237,6 +242,18 @@ def test_nothing_to_train_on_is_a_clear_error(server):
     assert "nothing to train on: connect a subject" in text, text
 
 
+def _apply_file(server, lora_name: str) -> str:
+    """The shipped graph's apply → sample chain with a file from models/loras instead of a
+    trained adapter; returns the prompt's status as the client sees it."""
+    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"))
+    api = {k: v for k, v in api.items() if v["class_type"] not in (
+        "LoRA2_LoadSubjectImages", "LoRA2_TrainAdaptiveLoRA", "LoRA2_RankReport")}
+    apply = next(v for v in api.values() if v["class_type"] == "LoRA2_ApplyAdaptiveLoRA")
+    del apply["inputs"]["adaptive_lora"]
+    apply["inputs"]["lora_name"] = lora_name
+    return json.dumps(_wait_status(server, server.queue(api))["status"])
+
+
 def test_apply_refuses_a_lora_of_another_family(server):
     """An SDXL LoRA on the SD1.5 checkpoint: a message naming both, not a silent half-patch."""
     import torch
@@ -250,13 +267,20 @@ def test_apply_refuses_a_lora_of_another_family(server):
     folder.mkdir(parents=True, exist_ok=True)
     export_adapters(attach(net, AdapterConfig(targets=("0",), init_rank=2)),
                     folder / "other_family.safetensors", layout=SDXL)
-    # the shipped graph's apply → sample chain, with the file instead of a trained adapter
-    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"))
-    api = {k: v for k, v in api.items() if v["class_type"] not in (
-        "LoRA2_LoadSubjectImages", "LoRA2_TrainAdaptiveLoRA", "LoRA2_RankReport")}
-    apply = next(v for v in api.values() if v["class_type"] == "LoRA2_ApplyAdaptiveLoRA")
-    del apply["inputs"]["adaptive_lora"]
-    apply["inputs"]["lora_name"] = "other_family.safetensors"
-    entry = _wait_status(server, server.queue(api))
-    text = json.dumps(entry["status"])
+    text = _apply_file(server, "other_family.safetensors")
     assert "was made for SDXL but the model is SD1.5: pick a LoRA trained for SD1.5" in text, text
+
+
+def test_apply_refuses_a_lora_full_of_nan_and_the_server_stays_up(server):
+    """A diverged LoRA would turn every image black while saying "32 of 32 modules applied"."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = server.base / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": torch.full((2, 320), float("nan")),
+               f"{key}.lora_up.weight": torch.zeros(320, 2)}, str(folder / "nan.safetensors"))
+    text = _apply_file(server, "nan.safetensors")
+    assert "nan.safetensors: 1 of 1 modules hold NaN or inf" in text, text
+    assert server.request("/system_stats")["system"]  # still serving

@@ -21,7 +21,7 @@ IDS = [api.name for _, api in PAIRS]
 def test_every_node_of_the_pack_has_a_workflow():
     used = {n["class_type"] for _, api in PAIRS for n in load(api).values()}
     assert pack_node_ids() <= used, pack_node_ids() - used
-    assert len(pack_node_ids()) == 5
+    assert len(pack_node_ids()) == 7
 
 
 @pytest.mark.parametrize("ui_path,api_path", PAIRS, ids=IDS)
