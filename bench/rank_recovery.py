@@ -239,18 +239,27 @@ def run_one(task: Task, spec: RunSpec, seed: int, out_dir: Path) -> RunResult:
                      loss, rho, learned, list(task.true_ranks), wall, spec.default, cfg, trained)
 
 
-def default_specs(task_name: str, fixed_lrs: Sequence[float] = ()) -> list[RunSpec]:
+ADALORA_LRS = (2e-3, 1e-2, 3e-2)  # its learning rate, tuned per task over this grid
+
+
+def default_specs(task_name: str, fixed_lrs: Sequence[float] = (),
+                  adalora_lrs: Sequence[float] = ADALORA_LRS) -> list[RunSpec]:
+    """Fixed ranks, LoRA² (default and paper presets, ablations of each new mechanism) and
+    AdaLoRA at the default LoRA² run's mean rank (``adalora_target=0``: matched per seed)."""
     specs = [RunSpec(f"fixed-r{r}", fixed_rank=r) for r in FIXED_RANKS]
     specs += [RunSpec(f"fixed-r{r}-lr{lr:g}", fixed_rank=r, lr=lr)
               for lr in fixed_lrs for r in FIXED_RANKS]
-    for p in ("spread", "paper"):
-        for init in ("kaiming", "paper"):
-            specs.append(RunSpec(f"lora2-{p}-{init}", preset=p, init=init,
-                                 default=(p == "spread" and init == "kaiming")))
-    specs.append(RunSpec("ablate-no-reg", overrides=(("lambda_r", 0.0),)))
-    if task_name == "unet":  # the layers task has no attention, so no entropy term to remove
+    specs += [RunSpec("lora2-default", default=True),
+              RunSpec("lora2-paper-preset", preset="paper"),
+              RunSpec("ablate-no-reg", overrides=(("lambda_r", 0.0),)),
+              RunSpec("ablate-random-slots", overrides=(("slot_init", "random"),)),
+              RunSpec("ablate-raw-nu-signal", overrides=(("nu_signal", "raw"),
+                                                         ("lambda_r", 3e-4))),
+              RunSpec("ablate-export-rank-D", export_tol=0.0),
+              RunSpec("variant-slot-norm-each", overrides=(("slot_norm", "each"),))]
+    if task_name == "unet":  # the layer tasks have no attention, so no entropy term to remove
         specs.append(RunSpec("ablate-no-entropy", overrides=(("lambda_e", 0.0),)))
-    specs.append(RunSpec("ablate-nu-lr=lr", overrides=(("nu_lr", "lr"),)))
+    specs += [RunSpec(f"adalora-lr{lr:g}", adalora_target=0, lr=lr) for lr in adalora_lrs]
     return specs
 
 
@@ -271,25 +280,41 @@ def _job(args: tuple[str, int, RunSpec, dict[str, Any], str]) -> RunResult:
 def run_all(task_name: str, seeds: Sequence[int], specs: Sequence[RunSpec],
             task_kw: dict[str, Any], jobs: int = 1,
             log: Callable[[RunResult], None] | None = None) -> list[RunResult]:
-    """Every spec on every seed (seed-major, so a worker builds each task once)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        work = [(task_name, s, spec, task_kw, tmp) for s in seeds for spec in specs]
-        results: list[RunResult] = []
-        if jobs <= 1:
-            for w in work:
-                results.append(_job(w))
-                if log:
-                    log(results[-1])
-        else:
-            import multiprocessing as mp
+    """Every spec on every seed (seed-major, so a worker builds each task once).
 
-            with mp.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
-                for r in pool.imap_unordered(_job, work, chunksize=1):
-                    results.append(r)
-                    if log:
-                        log(r)
-        order = {(s, spec.name): i for i, (_, s, spec, _, _) in enumerate(work)}
-        return sorted(results, key=lambda r: order[(r.seed, r.name)])
+    AdaLoRA specs with ``adalora_target=0`` run in a second phase at the mean exported rank of
+    the same seed's default LoRA² run, so the two are compared at (about) equal bytes.
+    """
+    first = [s for s in specs if s.adalora_target != 0]
+    second = [s for s in specs if s.adalora_target == 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _run_work([(task_name, s, spec, task_kw, tmp) for s in seeds for spec in first],
+                            jobs, log)
+        matched = {r.seed: _mean(r.learned) for r in results if r.default}
+        work = [(task_name, s, dataclasses.replace(spec, adalora_target=matched.get(s, 8.0)),
+                 task_kw, tmp) for s in seeds for spec in second]
+        results += _run_work(work, jobs, log)
+    order = {(s, spec.name): i for i, (s, spec) in enumerate(
+        (s, spec) for spec_list in (first, second) for s in seeds for spec in spec_list)}
+    return sorted(results, key=lambda r: order[(r.seed, r.name)])
+
+
+def _run_work(work: list, jobs: int, log) -> list[RunResult]:
+    results: list[RunResult] = []
+    if jobs <= 1:
+        for w in work:
+            results.append(_job(w))
+            if log:
+                log(results[-1])
+        return results
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
+        for r in pool.imap_unordered(_job, work, chunksize=1):
+            results.append(r)
+            if log:
+                log(r)
+    return results
 
 
 # -- summaries, targets, table, picture ----------------------------------------------------------
@@ -386,8 +411,28 @@ def targets_report(results: Sequence[RunResult], rho_min: float = 0.8) -> tuple[
         ok, ratio, dom = check_point(fixed_mean, d["bytes"], d["loss"])
         lines.append(f"mean over seeds: {d['bytes']:,.0f} B, loss {d['loss']:.3g} = {ratio:.2f} "
                      f"x front ({'on/below' if ok else 'ABOVE'}); Spearman mean {d['rho']:.3f}, "
-                     f"min {d['rho_min']:.3f}")
+                     f"min {d['rho_min']:.3f}; over planted components {d['rho_planted']:.3f}")
+        ada = best_adalora(summ, fixed_mean)
+        if ada:
+            name, v, a_ratio = ada
+            lines.append(f"AdaLoRA (best lr: {name}) at its matched budget: {v['bytes']:,.0f} B, "
+                         f"loss {v['loss']:.3g} = {a_ratio:.2f} x front; Spearman over planted "
+                         f"{v['rho_planted']:.3f} -> LoRA² "
+                         f"{'at or below' if ratio <= a_ratio else 'ABOVE'} AdaLoRA relative "
+                         f"to the front ({ratio:.2f} vs {a_ratio:.2f}), "
+                         f"{'better' if d['rho_planted'] > v['rho_planted'] else 'not better'} "
+                         "rank ordering")
     return lines, ok_all
+
+
+def best_adalora(summ: dict, fixed_mean) -> tuple[str, dict, float] | None:
+    """The AdaLoRA row (lr of the grid) with the lowest loss relative to the fixed front."""
+    rows = [(check_point(fixed_mean, v["bytes"], v["loss"])[1], k, v) for k, v in summ.items()
+            if v["kind"] == "adalora"]
+    if not rows:
+        return None
+    ratio, name, v = min(rows, key=lambda t: t[0])
+    return name, v, ratio
 
 
 def table(results: Sequence[RunResult], task: str, meta: dict[str, Any]) -> str:
@@ -485,20 +530,26 @@ def picture(results: Sequence[RunResult], task: str, path: Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     top = 1
-    for k, v in summ.items():
-        if v["kind"] == "fixed":
-            continue
-        c = next(colors)
-        if not (v["default"] or k.endswith("-paper") or "paper-kaiming" in k):
-            continue
-        xs = [t + 0.25 * (r.seed - 1) for r in v["runs"] for t in r.true]
+    fixed_mean = [(v["bytes"], v["loss"]) for v in summ.values() if v["kind"] == "fixed"]
+    ada = best_adalora(summ, fixed_mean) if fixed_mean else None
+    shown = [k for k, v in summ.items() if v["default"] or k == "lora2-paper-preset"]
+    shown += [ada[0]] if ada else []
+    for k, c in zip(shown, ("C0", "C3", "C2")):
+        v = summ[k]
+        xs = [t * (1 + 0.04 * (r.seed - 1)) for r in v["runs"] for t in r.true]
         ys = [lr for r in v["runs"] for lr in r.learned]
         top = max(top, *ys, *xs)
         bx.scatter(xs, ys, s=14, color=c, alpha=0.7,
-                   label=f"{k}: Spearman {v['rho']:.2f} (min {v['rho_min']:.2f})")
-    bx.plot([0, top], [0, top], ":", color="0.5", label="learned = true")
-    bx.set(xlabel="true (planted) rank", ylabel="learned rank (exported file)",
-           title=f"{task}: learned vs true rank per component, all seeds")
+                   label=f"{k}: Spearman over planted {v['rho_planted']:.2f}")
+    line = [0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128][: 2 + int(math.log2(max(top, 2)))]
+    bx.plot(line, line, ":", color="0.4", label="learned = planted")
+    bx.plot(line, [1.5 * x for x in line], "--", color="0.7", lw=0.8,
+            label="1.5 x planted / planted - 1 (calibration bounds)")
+    bx.plot(line, [max(x - 1, 0) for x in line], "--", color="0.7", lw=0.8)
+    bx.set_xscale("symlog", linthresh=1)
+    bx.set_yscale("symlog", linthresh=1)
+    bx.set(xlabel="planted rank (log)", ylabel="rank in the exported file (log)",
+           title=f"{task}: learned vs planted rank per component, all seeds")
     bx.grid(True, alpha=0.3)
     bx.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -530,7 +581,9 @@ def write_outputs(results: Sequence[RunResult], task: str, meta: dict[str, Any],
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", choices=("layers", "unet"), required=True)
+    ap.add_argument("--task", required=True,
+                    help=f"unet or one of {sorted(LAYER_TASKS)}, optionally with @in<scale> / "
+                         "@loss<scale> (e.g. layers@in10)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", nargs="*", help="run names to keep (default: all)")
     ap.add_argument("--steps", type=int, help="override the task's steps")

@@ -189,6 +189,9 @@ class LoRALayer(nn.Module):
         """
         if not self.pending or self._grad_sum is None or self.B.grad is None:
             return False
+        if not bool(torch.isfinite(self._grad_sum).all()):  # a bad step: the trainer stops it
+            self._grad_sum = None
+            return False
         g, k, r0 = self._grad_sum, self.pending, self.rank - self.pending
         if r0 > 0:  # the residual: directions the active slots' A rows do not span
             q, _ = torch.linalg.qr(self.A[:r0].float().T)  # (n, r0)

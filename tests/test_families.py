@@ -24,6 +24,7 @@ from lora2_engine.formats import adapters_to_lora, read_lora
 from lora2_engine.formats.lora_file import export_adapters
 from lora2_engine.models.loader import load_model
 from lora2_engine.models.standin import load_stand_in
+from tests.conftest import activate_slots
 
 FAMILIES = sorted(registry())
 STYLED = [(f, s) for f in FAMILIES for s in KEY_STYLES if s != "diffusers"
@@ -76,6 +77,7 @@ def _trained(model, fam, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(ad.layers.values()):
         layer.resize(1 + i % 5)
+        activate_slots(layer, g)
         layer.B.data.normal_(generator=g)
     return ad
 

@@ -8,6 +8,7 @@ import torch
 
 from lora2_engine.joint_attention import JointAttentionCapture, text_entropy
 from lora2_engine.models import tiny_flux
+from tests.conftest import activate_slots
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,7 @@ def test_capture_gradient_survives_checkpointing():
     model = tiny_flux.build(seed=1)
     ad = attach(model, AdapterConfig(targets=("img_attn.qkv", "txt_attn.qkv"), init_rank=3))
     for layer in ad.layers.values():
+        activate_slots(layer, None)
         layer.B.data.normal_(std=0.1)
     cap = JointAttentionCapture(model)
     g = torch.Generator().manual_seed(0)

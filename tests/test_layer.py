@@ -9,7 +9,7 @@ from lora2_engine.layer import AdaptiveLoRALayer, LoRALayer
 def _layer(init_rank=4, conv=False, **kw):
     torch.manual_seed(0)
     base = torch.nn.Conv2d(12, 10, 1) if conv else torch.nn.Linear(12, 10)
-    cfg = AdapterConfig(r_target=2, init_rank=init_rank, r_max=64, **kw)
+    cfg = AdapterConfig(r_target=2, init_rank=init_rank, r_max=64, **{"slot_init": "random", **kw})
     layer = AdaptiveLoRALayer(base, cfg, generator=torch.Generator().manual_seed(1))
     layer.B.data.normal_()  # a trained-looking B so the adapter contributes
     return layer
@@ -62,7 +62,7 @@ def test_capacity_grows_geometrically_not_to_r_max():
 @pytest.mark.parametrize("init", ["kaiming", "paper"])
 def test_init_std_follows_rule(init):
     torch.manual_seed(0)
-    cfg = AdapterConfig(r_target=2, init_rank=64, r_max=512, init=init)
+    cfg = AdapterConfig(r_target=2, init_rank=64, r_max=512, init=init, slot_init="random")
     layer = AdaptiveLoRALayer(torch.nn.Linear(400, 96), cfg, torch.Generator().manual_seed(0))
     f = slot_weights(layer.nu.detach(), 64)
     want = (2 / 400) ** 0.5 / float(f.max()) if init == "kaiming" else (
