@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
 
 from lora2_engine import AdapterConfig, ExportConfig, TrainConfig, attach, preset  # noqa: E402
 from lora2_engine.formats import export_adapters, read_lora  # noqa: E402
+from lora2_engine.layer import dense_cap  # noqa: E402
 from lora2_engine.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -193,6 +194,10 @@ def file_ranks(task: Task, lora) -> list[int]:
             for n in task.targets]
 
 
+def _shapes(model: torch.nn.Module, names: Sequence[str]) -> list[tuple[int, int]]:
+    return [tuple(model.get_submodule(n).weight.shape[:2]) for n in names]
+
+
 def run_one(task: Task, spec: RunSpec, seed: int, out_dir: Path) -> RunResult:
     torch.manual_seed(seed)
     path = out_dir / f"{task.name}_{spec.name}_s{seed}.safetensors"
@@ -201,6 +206,7 @@ def run_one(task: Task, spec: RunSpec, seed: int, out_dir: Path) -> RunResult:
 
         return run_adalora(task, spec, seed, path)
     model = task.model()
+    shapes = _shapes(model, task.targets)
     a_cfg, t_cfg = configs_for(task, spec)
     t_cfg.seed = seed
     t0 = time.perf_counter()
@@ -234,7 +240,8 @@ def run_one(task: Task, spec: RunSpec, seed: int, out_dir: Path) -> RunResult:
                                                       "slot_init")},
            "train": {k: getattr(t_cfg, k) for k in ("steps", "lr", "nu_lr", "lambda_r",
                                                      "lambda_e", "task_norm", "nu_signal")},
-           "export_tol": export.rank_tol}
+           "export_tol": export.rank_tol,
+           "caps": [dense_cap(*shape) for shape in shapes]}
     return RunResult(task.name, spec.name, spec.kind, seed, size.total, size.payload, params,
                      loss, rho, learned, list(task.true_ranks), wall, spec.default, cfg, trained)
 
@@ -404,6 +411,7 @@ def targets_report(results: Sequence[RunResult], rho_min: float = 0.8) -> tuple[
                          + (f"; dominated by {', '.join(dom)}" if dom else "")
                          + f"); Spearman {d.spearman:.3f} ({'>=' if good_rho else '<'} "
                          f"{rho_min})")
+    lines += calibration_lines(default)
     summ = summarize(results)
     fixed_mean = [(v["bytes"], v["loss"]) for v in summ.values() if v["kind"] == "fixed"]
     d = next(v for v in summ.values() if v["default"])
@@ -423,6 +431,29 @@ def targets_report(results: Sequence[RunResult], rho_min: float = 0.8) -> tuple[
                          f"{'better' if d['rho_planted'] > v['rho_planted'] else 'not better'} "
                          "rank ordering")
     return lines, ok_all
+
+
+def calibration_lines(runs: Sequence[RunResult]) -> list[str]:
+    """Issue #11's calibration targets over every component of ``runs``: a planted rank k > 0
+    must end at k - 1 or more and at 1.5 k or less (k taken at the dense cap, (mn - 1) // (m + n),
+    where it is above: 47 for 96 x 96), and nothing planted should end at 0."""
+    low, high, zero, n = [], [], [], 0
+    for r in runs:
+        caps = r.config.get("caps") or [None] * len(r.true)
+        for got, k, cap in zip(r.learned, r.true, caps):
+            k_eff = min(k, cap) if cap else k
+            if k == 0:
+                zero += [got] if got > 0 else []
+                continue
+            n += 1
+            if got < k_eff - 1:
+                low.append(f"{k}->{got}")
+            if got > 1.5 * k_eff:
+                high.append(f"{k}->{got}")
+    return [f"calibration over {n} planted components: {n - len(low) - len(high)} within "
+            f"[planted - 1, 1.5 x planted]; below: {len(low)} ({', '.join(low[:8]) or '-'}); "
+            f"above: {len(high)} ({', '.join(high[:8]) or '-'}); planted-0 components with a "
+            f"rank in the file: {len(zero)} (max {max(zero, default=0)})"]
 
 
 def best_adalora(summ: dict, fixed_mean) -> tuple[str, dict, float] | None:

@@ -97,13 +97,19 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--load", help="make the table from this .jsonl instead of running")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the suite")
+    ap.add_argument("--steps", type=int, nargs="+", default=None,
+                    help="steps suite: only these step counts")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = args.seeds or ([0, 1, 2] if args.suite == "scale" else [0])
     jsonl = Path(args.out) / f"rank_sweeps_{args.suite}.jsonl"
     rows, t0 = [], time.perf_counter()
     saved = load_jsonl([args.load]) if args.load else []
-    for task, kw in SUITES[args.suite]:
+    settings = [(t, kw) for t, kw in SUITES[args.suite]
+                if (not args.tasks or t in args.tasks)
+                and (not args.steps or args.suite != "steps" or kw["steps"] in args.steps)]
+    for task, kw in settings:
         label = setting_label(task, kw)
         if args.load:
             results = [r for r in saved if r.config.get("setting") == label]

@@ -12,7 +12,7 @@ from tests.test_formats import _plain_delta, _trained
 @pytest.mark.parametrize("style", ["kohya", "comfy"])
 def test_padded_file_gives_same_delta(attn_net, tmp_path, style):
     ad = _trained(attn_net)
-    src = export_adapters(ad, tmp_path / "a.safetensors", ExportConfig(key_style=style))
+    src = export_adapters(ad, tmp_path / "a.safetensors", ExportConfig(key_style=style, rank_tol=0))
     padded = write_lora(pad_lora(read_lora(src), 16), tmp_path / "p.safetensors")
     a, b = load_file(str(src)), load_file(str(padded))
     prefixes = {k.rsplit(".", 2)[0] for k in a if k.endswith("lora_down.weight")}
@@ -26,7 +26,8 @@ def test_padded_file_gives_same_delta(attn_net, tmp_path, style):
 def test_pad_without_alpha_rescale_would_weaken(attn_net, tmp_path):
     """The reason alpha must change: same tensors, old alpha → scaled down by r/R."""
     ad = _trained(attn_net)
-    lora = read_lora(export_adapters(ad, tmp_path / "a.safetensors"))
+    lora = read_lora(export_adapters(ad, tmp_path / "a.safetensors",
+                                     ExportConfig(rank_tol=0)))
     padded = pad_lora(lora, 14)
     for key, w in padded.modules.items():
         assert w.alpha == lora.modules[key].alpha * 14 / lora.modules[key].rank
@@ -34,7 +35,8 @@ def test_pad_without_alpha_rescale_would_weaken(attn_net, tmp_path):
 
 def test_pad_below_largest_rank_is_refused(attn_net, tmp_path):
     ad = _trained(attn_net)
-    lora = read_lora(export_adapters(ad, tmp_path / "a.safetensors"))
+    lora = read_lora(export_adapters(ad, tmp_path / "a.safetensors",
+                                     ExportConfig(rank_tol=0)))
     with pytest.raises(PadRankError, match="rank=5 is below the largest rank in the file \\(7"):
         pad_lora(lora, 5)
     assert pad_lora(lora).ranks() == {k: 7 for k in lora.modules}
