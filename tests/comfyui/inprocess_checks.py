@@ -141,20 +141,24 @@ def check_loss(mods, _args) -> dict:
                   ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=1.0, multiplier=1.0)),
               "sd3": (sched.FlowSchedule(3.0, 1000.0), comfy_ms(
                   ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=3.0))}
+    for name, (ours, theirs) in engine.items():
+        out["same"][name] = schedule_checks(ours, theirs)
+    return out
+
+
+def schedule_checks(ours, theirs) -> list[bool]:
+    """An engine schedule against ComfyUI's ``model_sampling``: sigma table, percent_to_sigma,
+    timestep, calculate_input / calculate_denoised, noise_scaling — each equal or not."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
-    for name, (ours, theirs) in engine.items():
-        sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
-        checks = [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
-                  all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
-                      for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
-                  torch.equal(ours.timestep(sig), theirs.timestep(sig)),
-                  torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
-                  torch.equal(ours.calculate_denoised(sig, y, x),
-                              theirs.calculate_denoised(sig, y, x)),
-                  torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
-        out["same"][name] = checks
-    return out
+    sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
+    return [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
+            all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
+                for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
+            torch.equal(ours.timestep(sig), theirs.timestep(sig)),
+            torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
+            torch.equal(ours.calculate_denoised(sig, y, x), theirs.calculate_denoised(sig, y, x)),
+            torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
 
 
 def check_sdxl(mods, args) -> dict:
@@ -359,11 +363,11 @@ def check_family(mods, args) -> dict:
     model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name,
                                              args.get("weight_dtype", "default"))[0]
     base = model.model
-    res = {"config": type(base.model_config).__name__,
-           "family": getattr(bridge.model_family(base), "name", None), "styles": {}}
+    fam = bridge.model_family(base)
+    res = {"config": type(base.model_config).__name__, "family": getattr(fam, "name", None),
+           "styles": {}, "schedule_same": schedule_checks(fam.schedule(), base.model_sampling)}
     g = torch.Generator().manual_seed(0)
-    c, h, w = args["latent_shape"]
-    latents = {"samples": torch.randn(2, c, h, w, generator=g)}
+    latents = {"samples": torch.randn(2, *args["latent_shape"], generator=g)}
     extra = ({"pooled_output": torch.randn(1, args["pooled"], generator=g)} if args["pooled"]
              else {})
     positive = [[torch.randn(1, 77, args["context"], generator=g), extra]]
