@@ -8,9 +8,9 @@ norms from ``ln_q`` and MMDiT-X self-attention layers from ``x_block.attn2``; in
 makes it ``SD3``. Depth 2 is the smallest with a context block that is not "pre-only" (the last
 block's context stream has no output projection), so: hidden 128, two heads, two joint blocks,
 context and pooled width 768 (CLIP-L: the conditioning the SD1.5 tests already make),
-``pos_embed`` for up to 16x16 patches, RMS q/k norms and an ``attn2`` in block 0 as SD3.5
-Medium has: 0.89 M parameters through ComfyUI's real ``model_base.SD3`` (rectified flow,
-shift 3).
+``pos_embed`` for up to 32x32 patches (512 px), RMS q/k norms and an ``attn2`` in block 0
+as SD3.5 Medium has: 1.40 M parameters (plus a 32x32x128 position table) that run through
+ComfyUI's real ``model_base.SD3`` (rectified flow, shift 3).
 
 Written from the published architecture (Stability AI's MMDiT: per-stream adaLN-modulated
 blocks whose q, k, v are concatenated [context; image] for one joint attention, fused ``qkv``
@@ -28,7 +28,7 @@ from ..families.sdxl import timestep_embedding
 from .standin import StandIn
 from .tiny import _init_weights, _materialize
 
-DEPTH, CONTEXT, POOLED, CHANNELS, PATCH, POS_MAX = 2, 768, 768, 16, 2, 16
+DEPTH, CONTEXT, POOLED, CHANNELS, PATCH, POS_MAX = 2, 768, 768, 16, 2, 32
 HEAD = 64  # ComfyUI: hidden = 64 * depth, heads = depth
 
 
@@ -242,7 +242,7 @@ STAND_IN = StandIn(
     latent_shape=(CHANNELS, 8, 8), context_dim=CONTEXT, pooled_dim=POOLED, latent_scale=1.5305,
     how_made="TinySD3: SAI MMDiT key names, x_embedder 128 wide (ComfyUI: depth 2 = 2 joint "
              "blocks, 2 heads of 64), context_embedder and y_embedder 768 wide (CLIP-L "
-             "conditioning), pos_embed 16x16, RMS q/k norms, x_block.attn2 in block 0 "
-             "(SD3.5 Medium's MMDiT-X); 0.89 M params, saved unprefixed",
+             "conditioning), pos_embed 32x32, RMS q/k norms, x_block.attn2 in block 0 "
+             "(SD3.5 Medium's MMDiT-X); 1.40 M params, saved unprefixed",
     sizes={"0.28.0": {}, "0.3.54": {}},
     diffusers_model=diffusers_model)

@@ -381,12 +381,17 @@ def check_family(mods, args) -> dict:
         update(self, value, preview)
 
     bridge.Progress.update = spy
-    for style in args["styles"]:
+    common = {"model": model, "positive": positive, "preset": "spread", "steps": args["steps"],
+              "learning_rate": 1e-3, "r_target": 0.0, "seed": 0, "init_rank": 4, "nu_lr": 0.3}
+    for i, style in enumerate(args["styles"]):
         n_lines = len(log.lines)
-        lora = call(train.TrainAdaptiveLoRA, model=model, latents=latents, positive=positive,
-                    preset="spread", steps=args["steps"], learning_rate=1e-3, r_target=0.0,
-                    seed=0, init_rank=4, nu_lr=0.3, filename=f"lora2/{args['family']}_{style}",
-                    key_style=style, **args.get("train", {}))[0]
+        preview = args.get("preview_every", 0) if i == 0 else 0
+        out = call(train.TrainAdaptiveLoRA, latents=latents, preview_every=preview,
+                   filename=f"lora2/{args['family']}_{style}", key_style=style, **common,
+                   **args.get("train", {}))
+        lora = out[0]
+        if preview:
+            res["previews"] = list(out[2].shape)
         name = f"lora2/{args['family']}_{style}.safetensors"
         ours = call(apply.ApplyAdaptiveLoRA, model=model, strength_model=0.8,
                     adaptive_lora=lora)[0]
@@ -411,6 +416,11 @@ def check_family(mods, args) -> dict:
             "mixed_precision": json.loads(lora.lora.metadata["lora2.train_config"])[
                 "mixed_precision"]}
     bridge.Progress.update = update
+    if latents["samples"].ndim == 5:  # a video model also takes an image latent: one frame
+        image = {"samples": latents["samples"][:, :, 0]}
+        out = call(train.TrainAdaptiveLoRA, latents=image, filename="lora2/image_latent",
+                   **{**common, "steps": 1})
+        res["image_latent_loss"] = [h["loss"] for h in out[0].history]
     res["weight_dtypes_during_training"] = sorted(during)
     res["model_unchanged"] = same(before, snapshot(model))
     return res
