@@ -416,6 +416,14 @@ def check_family(mods, args) -> dict:
             "mixed_precision": json.loads(lora.lora.metadata["lora2.train_config"])[
                 "mixed_precision"]}
     bridge.Progress.update = update
+    if args.get("checkpointing_check"):  # ComfyUI's own blocks (in place or not) under
+        runs = [call(train.TrainAdaptiveLoRA, latents=latents, gradient_checkpointing=c,
+                     filename=f"lora2/ckpt_{c}", **{**common, "steps": 2})[0].lora.modules
+                for c in ("off", "on")]  # checkpointing: the same adapter as without
+        res["checkpointing_same"] = runs[0].keys() == runs[1].keys() and all(
+            torch.allclose(w.up, runs[1][k].up, atol=1e-6, rtol=1e-5)
+            and torch.allclose(w.down, runs[1][k].down, atol=1e-6, rtol=1e-5)
+            for k, w in runs[0].items())
     if latents["samples"].ndim == 5:  # a video model also takes an image latent: one frame
         image = {"samples": latents["samples"][:, :, 0]}
         out = call(train.TrainAdaptiveLoRA, latents=image, filename="lora2/image_latent",

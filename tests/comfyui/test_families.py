@@ -100,11 +100,13 @@ def test_trained_files_load_in_stock_loraloader_like_apply(name, version, tmp_pa
                   styles=list(fam.comfy_loads), steps=1 if big else 3,
                   latent_shape=list(stand_in.latent_shape),
                   context=size.get("context", stand_in.context_dim),
-                  pooled=stand_in.pooled_dim, preview_every=0 if big else 2)
+                  pooled=stand_in.pooled_dim, preview_every=0 if big else 2,
+                  checkpointing_check=not big)
     assert r["family"] == name and r["config"] in stand_in.comfy_names
     assert r["schedule_same"] == [True] * 6  # the engine's schedule is the MODEL's own
     if not big:  # one preview (step 2 of 3) from the latent format's RGB factors, 64x64
         assert r["previews"] == [1, 64, 64, 3]
+        assert r["checkpointing_same"]  # the family's inplace_blocks is right for its blocks
     if len(stand_in.latent_shape) == 4:  # a video family takes an image latent as one frame:
         first = r["styles"][fam.comfy_loads[0]]["loss"][0]  # the same first step
         assert r["image_latent_loss"] == [pytest.approx(first, rel=1e-6)]
