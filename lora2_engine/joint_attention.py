@@ -91,3 +91,44 @@ class JointAttentionCapture(EntropyCapture):
     def clear(self) -> None:
         super().clear()
         self._pe.clear()
+
+
+class SplitJointAttentionCapture(EntropyCapture):
+    """:func:`text_entropy` of every MMDiT joint block (SD3 / SD3.5), whose streams normalise q
+    and k in separate per-head modules and use no RoPE.
+
+    ``img_q``: the module whose output is the image queries (B, L_img, H, d), ``txt_k``: the one
+    giving the text keys (B, L_txt, H, d), both relative to each element of ``blocks`` (ComfyUI:
+    ``x_block.attn.ln_q`` and ``context_block.attn.ln_k``, an ``nn.Identity`` in models without
+    q/k norm). The entropy is computed when the second of the two has run, in either order.
+    """
+
+    def __init__(self, model: nn.Module, blocks: str = "joint_blocks",
+                 img_q: str = "x_block.attn.ln_q", txt_k: str = "context_block.attn.ln_k"
+                 ) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        self.enabled = True
+        self._q: dict[str, dict[str, torch.Tensor]] = {}  # block → what it has produced so far
+        self._handles = []
+        container = getattr(model, blocks, None)
+        for i, block in enumerate(container if isinstance(container, nn.ModuleList) else ()):
+            name = f"{blocks}.{i}"
+            try:
+                q_mod, k_mod = block.get_submodule(img_q), block.get_submodule(txt_k)
+            except AttributeError:
+                continue
+            self._handles += [q_mod.register_forward_hook(self._store(name, "q")),
+                              k_mod.register_forward_hook(self._store(name, "k"))]
+        self.num_layers = len(self._handles) // 2
+
+    def _store(self, name: str, slot: str):
+        def hook(_m, _inp, out):
+            if not self.enabled:
+                return
+            seen = self._q.setdefault(name, {})
+            seen[slot] = out
+            if len(seen) == 2:
+                del self._q[name]  # (B, L, H, d) each → (B, H, L, d)
+                self.values[name] = text_entropy(seen["q"].transpose(1, 2),
+                                                 seen["k"].transpose(1, 2))
+        return hook

@@ -20,12 +20,18 @@ from inprocess_checks import import_pack  # noqa: E402
 
 
 def main() -> None:
+    import inspect
+
     import comfy.sd
+    import comfy.utils
     from safetensors.torch import load_file, save_file
 
     weights, inputs, out = sys.argv[1:4]
     mods = import_pack()
-    model = comfy.sd.load_diffusion_model_state_dict(load_file(weights))
+    sd, metadata = comfy.utils.load_torch_file(weights, return_metadata=True)
+    load = comfy.sd.load_diffusion_model_state_dict  # metadata (a file's config): 0.28.0 only
+    extra = {"metadata": metadata} if "metadata" in inspect.signature(load).parameters else {}
+    model = load(sd, **extra)
     base = model.model
     inp = load_file(inputs)
     conds = {k: v for k, v in inp.items() if k not in ("x", "t", "c_crossattn")}

@@ -141,20 +141,24 @@ def check_loss(mods, _args) -> dict:
                   ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=1.0, multiplier=1.0)),
               "sd3": (sched.FlowSchedule(3.0, 1000.0), comfy_ms(
                   ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=3.0))}
+    for name, (ours, theirs) in engine.items():
+        out["same"][name] = schedule_checks(ours, theirs)
+    return out
+
+
+def schedule_checks(ours, theirs) -> list[bool]:
+    """An engine schedule against ComfyUI's ``model_sampling``: sigma table, percent_to_sigma,
+    timestep, calculate_input / calculate_denoised, noise_scaling — each equal or not."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
-    for name, (ours, theirs) in engine.items():
-        sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
-        checks = [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
-                  all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
-                      for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
-                  torch.equal(ours.timestep(sig), theirs.timestep(sig)),
-                  torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
-                  torch.equal(ours.calculate_denoised(sig, y, x),
-                              theirs.calculate_denoised(sig, y, x)),
-                  torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
-        out["same"][name] = checks
-    return out
+    sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
+    return [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
+            all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
+                for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
+            torch.equal(ours.timestep(sig), theirs.timestep(sig)),
+            torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
+            torch.equal(ours.calculate_denoised(sig, y, x), theirs.calculate_denoised(sig, y, x)),
+            torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
 
 
 def check_sdxl(mods, args) -> dict:
@@ -359,11 +363,11 @@ def check_family(mods, args) -> dict:
     model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name,
                                              args.get("weight_dtype", "default"))[0]
     base = model.model
-    res = {"config": type(base.model_config).__name__,
-           "family": getattr(bridge.model_family(base), "name", None), "styles": {}}
+    fam = bridge.model_family(base)
+    res = {"config": type(base.model_config).__name__, "family": getattr(fam, "name", None),
+           "styles": {}, "schedule_same": schedule_checks(fam.schedule(), base.model_sampling)}
     g = torch.Generator().manual_seed(0)
-    c, h, w = args["latent_shape"]
-    latents = {"samples": torch.randn(2, c, h, w, generator=g)}
+    latents = {"samples": torch.randn(2, *args["latent_shape"], generator=g)}
     extra = ({"pooled_output": torch.randn(1, args["pooled"], generator=g)} if args["pooled"]
              else {})
     positive = [[torch.randn(1, 77, args["context"], generator=g), extra]]
@@ -377,12 +381,17 @@ def check_family(mods, args) -> dict:
         update(self, value, preview)
 
     bridge.Progress.update = spy
-    for style in args["styles"]:
+    common = {"model": model, "positive": positive, "preset": "spread", "steps": args["steps"],
+              "learning_rate": 1e-3, "r_target": 0.0, "seed": 0, "init_rank": 4, "nu_lr": 0.3}
+    for i, style in enumerate(args["styles"]):
         n_lines = len(log.lines)
-        lora = call(train.TrainAdaptiveLoRA, model=model, latents=latents, positive=positive,
-                    preset="spread", steps=args["steps"], learning_rate=1e-3, r_target=0.0,
-                    seed=0, init_rank=4, nu_lr=0.3, filename=f"lora2/{args['family']}_{style}",
-                    key_style=style, **args.get("train", {}))[0]
+        preview = args.get("preview_every", 0) if i == 0 else 0
+        out = call(train.TrainAdaptiveLoRA, latents=latents, preview_every=preview,
+                   filename=f"lora2/{args['family']}_{style}", key_style=style, **common,
+                   **args.get("train", {}))
+        lora = out[0]
+        if preview:
+            res["previews"] = list(out[2].shape)
         name = f"lora2/{args['family']}_{style}.safetensors"
         ours = call(apply.ApplyAdaptiveLoRA, model=model, strength_model=0.8,
                     adaptive_lora=lora)[0]
@@ -407,6 +416,19 @@ def check_family(mods, args) -> dict:
             "mixed_precision": json.loads(lora.lora.metadata["lora2.train_config"])[
                 "mixed_precision"]}
     bridge.Progress.update = update
+    if args.get("checkpointing_check"):  # ComfyUI's own blocks (in place or not) under
+        runs = [call(train.TrainAdaptiveLoRA, latents=latents, gradient_checkpointing=c,
+                     filename=f"lora2/ckpt_{c}", **{**common, "steps": 2})[0].lora.modules
+                for c in ("off", "on")]  # checkpointing: the same adapter as without
+        res["checkpointing_same"] = runs[0].keys() == runs[1].keys() and all(
+            torch.allclose(w.up, runs[1][k].up, atol=1e-6, rtol=1e-5)
+            and torch.allclose(w.down, runs[1][k].down, atol=1e-6, rtol=1e-5)
+            for k, w in runs[0].items())
+    if latents["samples"].ndim == 5:  # a video model also takes an image latent: one frame
+        image = {"samples": latents["samples"][:, :, 0]}
+        out = call(train.TrainAdaptiveLoRA, latents=image, filename="lora2/image_latent",
+                   **{**common, "steps": 1})
+        res["image_latent_loss"] = [h["loss"] for h in out[0].history]
     res["weight_dtypes_during_training"] = sorted(during)
     res["model_unchanged"] = same(before, snapshot(model))
     return res
