@@ -180,13 +180,15 @@ def encode_latents(model, latents: dict, positive: list) -> list[dict]:
     if len(positive) not in (1, samples.shape[0]):
         raise ValueError(f"positive has {len(positive)} conditionings for {samples.shape[0]} "
                          "latents: give one, or one per latent")
+    if getattr(base.latent_format, "latent_dimensions", 2) == 3 and samples.ndim == 4:
+        samples = samples.unsqueeze(2)  # an image latent for a video-shaped model, as KSampler
     examples = []
     for i in range(samples.shape[0]):
         cond, extra = positive[i if len(positive) > 1 else 0]
         latent = base.process_latent_in(samples[i: i + 1])
         enc = {k: v for k, v in extra.items() if k in ("pooled_output", "guidance")}
         examples.append(_example(base, latent, cond[:1].float().cpu(), enc,
-                                 latent.shape[3] * 8, latent.shape[2] * 8))
+                                 latent.shape[-1] * 8, latent.shape[-2] * 8))
     return examples
 
 
@@ -200,6 +202,8 @@ def latent_preview(latent: torch.Tensor, rgb_factors) -> torch.Tensor | None:
     if rgb_factors is None:
         return None
     factors, bias = rgb_factors
+    if latent.ndim == 5:  # (B, C, T, h, w): the first frame
+        latent = latent[:, :, 0]
     f = torch.tensor(factors, dtype=torch.float32)
     img = latent.float().cpu().movedim(1, -1) @ f  # (B, h, w, 3)
     if bias is not None:

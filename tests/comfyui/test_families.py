@@ -63,13 +63,14 @@ def test_comfyui_detects_the_stand_in_and_computes_its_output(name, version, tmp
     if big:
         model = model.to(torch.bfloat16).float()  # what ComfyUI loads from the bf16 file
     g = torch.Generator().manual_seed(0)
-    c, h, w = stand_in.latent_shape
+    shape = stand_in.latent_shape  # (C, h, w), or (C, T, h, w) for video-shaped latents
     ctx = torch.randn(2, 77, size.get("context", stand_in.context_dim), generator=g)
     pooled = (torch.randn(2, stand_in.pooled_dim, generator=g) if stand_in.pooled_dim
               else None)
     conds = [fam.conditioning(ctx[i], None if pooled is None else pooled[i], 64, 64)
              for i in range(2)]
-    inputs = {"x": torch.randn(2, c, h, w + 2, generator=g), "t": torch.tensor([0.7, 0.2]),
+    inputs = {"x": torch.randn(2, *shape[:-1], shape[-1] + 2, generator=g),
+              "t": torch.tensor([0.7, 0.2]),
               **{k: torch.stack([cd[k] for cd in conds]) for k in conds[0]}}
     inputs["t"] = fam.schedule().timestep(inputs["t"]).float()
     save_file(inputs, str(tmp_path / "in.safetensors"))
@@ -104,7 +105,9 @@ def test_trained_files_load_in_stock_loraloader_like_apply(name, version, tmp_pa
     assert r["model_unchanged"]
     for style, s in r["styles"].items():
         assert s["not_loaded"] == [], style
-        assert s["equal_stock"] and s["changed"] == s["modules"], style
+        # every module with an update changes its weight; the others keep B = 0 (in a 1-block
+        # Qwen-Image the last block's text path reaches no output, so no gradient: measured)
+        assert s["equal_stock"] and s["changed"] == s["live"] > 0, style
         assert len(s["formula"]) == s["modules"] and all(s["formula"]), style
         assert s["file_keys"] >= s["modules"] > 0
         assert all(e > 0 for e in s["entropy"]) if fam.entropy else True
