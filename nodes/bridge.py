@@ -157,6 +157,10 @@ def _example(base, latent, cross_attn, extra: dict, width: int, height: int) -> 
         value = getattr(cond, "cond", None)
         if torch.is_tensor(value):
             ex[key] = value[0].detach().clone().cpu()
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            # a number the model's signature requires (Lumina 2's num_tokens, a
+            # CONDConstant): kept as a tensor so examples batch like the rest
+            ex[key] = torch.tensor(value)
     return ex
 
 

@@ -18,27 +18,16 @@ ComfyUI's own ``QwenImageTransformer2DModel``, output for output.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .standin import StandIn
 from .tiny import _init_weights, _materialize
-from .tiny_flux import apply_rope, rope
+from .tiny_flux import apply_rope, rope, timestep_embedding
 
 HEAD_DIM, CONTEXT, CHANNELS, PATCH = 128, 768, 16, 2
 AXES, THETA = (16, 56, 56), 10000
-
-
-def timestep_embedding(t: Tensor, dim: int = 256, scale: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of ``t`` (sigma in [0, 1], scaled by 1000), cosine half first."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32,
-                                                      device=t.device) / half)
-    args = scale * t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -192,7 +181,8 @@ class TinyQwenImage(nn.Module):
         img = x.reshape(b, c, t, rows, PATCH, cols, PATCH).permute(0, 2, 3, 5, 1, 4, 6)
         img = self.img_in(img.reshape(b, t * rows * cols, c * PATCH * PATCH))
         txt = self.txt_in(self.txt_norm(context))
-        temb = self.time_text_embed.timestep_embedder(timestep_embedding(timesteps).to(img.dtype))
+        temb = self.time_text_embed.timestep_embedder(  # sigma in [0, 1], scaled by 1000
+            timestep_embedding(timesteps).to(img.dtype))
         pe = self.position_embedding(txt.shape[1], rows, cols, b, x.device).to(x.dtype)
         for block in self.transformer_blocks:
             txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb,
