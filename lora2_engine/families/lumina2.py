@@ -50,8 +50,11 @@ def schedule():
 
 
 def conditioning(context, pooled, width: int, height: int) -> dict:
-    """What ComfyUI's Lumina2 ``extra_conds`` builds from a prompt: the text tokens."""
-    return {"c_crossattn": context}
+    """What ComfyUI's Lumina2 ``extra_conds`` builds from a prompt: the text tokens and their
+    number (a required argument of ``NextDiT``, which does not use its value)."""
+    import torch
+
+    return {"c_crossattn": context, "num_tokens": torch.tensor(context.shape[-2])}
 
 
 def _is_lumina2(class_name: str, config: dict) -> bool:
@@ -69,6 +72,7 @@ FAMILY = Family(
     diffusers_match=_is_lumina2,
     comfy_loads=("kohya", "comfy"),
     diffusers_component="transformer",
+    cond_keys=("num_tokens",),
     conditioning=conditioning,
     schedule=schedule,
     entropy=joint_attention,

@@ -11,6 +11,7 @@ and the file in stock LoraLoaderModelOnly gives exactly ApplyAdaptiveLoRA's weig
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -86,10 +87,14 @@ def test_comfyui_detects_the_stand_in_and_computes_its_output(name, version, tmp
     assert report["family"] == name
     theirs = load_file(str(tmp_path / "out.safetensors"))["out"]
     conds = {k: v for k, v in inputs.items() if k not in ("x", "t", "c_crossattn")}
+    capture = fam.entropy(model) if fam.entropy else None
     with torch.no_grad():
         ours = model(inputs["x"], inputs["t"], context=inputs["c_crossattn"], **conds)
     assert ours.abs().max() > 1e-2
     torch.testing.assert_close(theirs, ours, atol=1e-4 if not big else 2e-3, rtol=1e-4)
+    if capture is not None:  # the capture reads ComfyUI's tensors (its layouts) as ours
+        assert report["entropy"] == pytest.approx(float(capture.mean()), rel=1e-4), report
+        assert 0 < report["entropy"] < math.log(inputs["c_crossattn"].shape[1])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
