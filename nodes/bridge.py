@@ -157,6 +157,10 @@ def _example(base, latent, cross_attn, extra: dict, width: int, height: int) -> 
         value = getattr(cond, "cond", None)
         if torch.is_tensor(value):
             ex[key] = value[0].detach().clone().cpu()
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            # a number the model's signature requires (Lumina 2's num_tokens, a
+            # CONDConstant): kept as a tensor so examples batch like the rest
+            ex[key] = torch.tensor(value)
     return ex
 
 
@@ -180,9 +184,8 @@ def encode_latents(model, latents: dict, positive: list) -> list[dict]:
     if len(positive) not in (1, samples.shape[0]):
         raise ValueError(f"positive has {len(positive)} conditionings for {samples.shape[0]} "
                          "latents: give one, or one per latent")
-    fam = model_family(base)
-    if fam is not None and fam.video and samples.ndim == 4:
-        samples = samples[:, :, None]  # an image latent for a video model: one frame
+    if getattr(base.latent_format, "latent_dimensions", 2) == 3 and samples.ndim == 4:
+        samples = samples.unsqueeze(2)  # an image latent for a video-shaped model, as KSampler
     examples = []
     for i in range(samples.shape[0]):
         cond, extra = positive[i if len(positive) > 1 else 0]

@@ -304,6 +304,11 @@ def test_ranks_differ_per_component_after_a_short_run_on_a_planted_teacher(name)
     (["SD3", "BASE"], {}, "sd3"),
     (["WAN21_T2V", "BASE"], {"image_model": "wan2.1"}, "wan"),
     (["WAN22_T2V", "WAN21_T2V", "BASE"], {"image_model": "wan2.1"}, "wan"),
+    (["QwenImage", "BASE"], {"image_model": "qwen_image"}, "qwen_image"),
+    (["Lumina2", "BASE"], {"image_model": "lumina2"}, "lumina2"),
+    (["ZImage", "Lumina2", "BASE"], {"image_model": "lumina2"}, "lumina2"),
+    (["ChromaRadiance", "Chroma", "BASE"], {"image_model": "chroma_radiance"}, None),  # pixels
+    (["HunyuanImage21", "HunyuanVideo", "BASE"], {"image_model": "hunyuan_video"}, None),
     (["SD20", "BASE"], {}, None)])
 def test_comfyui_detection_maps_to_entries(names, unet_config, want):
     from lora2_engine.families import from_comfy

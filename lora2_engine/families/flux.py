@@ -56,7 +56,7 @@ def joint_attention(module):
     """Entropy of the image queries over the text keys in every double-stream block."""
     from ..joint_attention import JointAttentionCapture
 
-    return JointAttentionCapture(module, "double_blocks", "img_attn.norm", "txt_attn.norm")
+    return JointAttentionCapture(module, "double_blocks", "img_attn.norm[0]", "txt_attn.norm[1]")
 
 
 def schnell_schedule():

@@ -49,10 +49,10 @@ DIFFUSERS = (
 
 def joint_attention(module):
     """Entropy of the image queries over the text keys in every joint block."""
-    from ..joint_attention import SplitJointAttentionCapture
+    from ..joint_attention import JointAttentionCapture
 
-    return SplitJointAttentionCapture(module, "joint_blocks", "x_block.attn.ln_q",
-                                      "context_block.attn.ln_k")
+    return JointAttentionCapture(module, "joint_blocks", "x_block.attn.ln_q",
+                                 "context_block.attn.ln_k", pe=None, sequence_first=True)
 
 
 def sd3_schedule():

@@ -208,9 +208,6 @@ def build(seed: int = 0, dtype: torch.dtype = torch.float32, **size) -> TinySD3:
     g = torch.Generator().manual_seed(seed)
     _init_weights(model, g)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.RMSNorm):
-                m.weight.fill_(1.0)
         model.pos_embed.normal_(0.0, 0.5, generator=g)
     return model.to(dtype)
 

@@ -169,8 +169,6 @@ def build(seed: int = 0, dtype: torch.dtype = torch.float32, **size) -> TinyWan:
         conv.weight.uniform_(-bound, bound, generator=g)
         conv.bias.uniform_(-bound, bound, generator=g)
         for m in model.modules():
-            if isinstance(m, nn.RMSNorm):
-                m.weight.fill_(1.0)
             if isinstance(m, Block | Head):
                 m.modulation.normal_(0.0, model.dim**-0.5, generator=g)
     return model.to(dtype)

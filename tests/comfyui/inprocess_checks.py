@@ -71,20 +71,31 @@ def use_scratch_folders(tmp: Path):
     folder_paths.set_temp_directory(str(tmp / "temp"))
 
 
-def weights(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights with the patcher's patches applied."""
+def weights(patcher, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights with the patcher's patches applied (only ``keys``, when
+    given: full-width stand-ins are too large to copy whole several times)."""
     patcher.patch_model()
     try:
         return {k: v.detach().to("cpu", copy=True) for k, v in
-                patcher.model.diffusion_model.state_dict().items()}
+                patcher.model.diffusion_model.state_dict().items() if keys is None or k in keys}
     finally:
         patcher.unpatch_model()
 
 
-def snapshot(patcher):
+def patched_keys(*patchers) -> set[str]:
+    """Diffusion-model keys any of these patchers patches: the only weights that can differ
+    between them and the unpatched model."""
+    prefix = "diffusion_model."
+    return {k.removeprefix(prefix) for p in patchers for k in p.patches if k.startswith(prefix)}
+
+
+def snapshot(patcher, copy: bool = True):
+    """Module identities, weights (copied, or the live tensors to compare against a copy)
+    and the number of patches of a MODEL."""
     dm = patcher.model.diffusion_model
     return ({n: id(m) for n, m in dm.named_modules()},
-            {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()},
+            {k: v.detach().to("cpu", copy=True) if copy else v.detach()
+             for k, v in dm.state_dict().items()},
             len(patcher.patches))
 
 
@@ -397,16 +408,18 @@ def check_family(mods, args) -> dict:
                     adaptive_lora=lora)[0]
         node = comfy_nodes.LoraLoaderModelOnly()
         stock = getattr(node, node.FUNCTION)(model, name, 0.8)[0]
-        w_base, w_ours, w_stock = weights(model), weights(ours), weights(stock)
+        keys = patched_keys(ours, stock)  # every other weight is the base one in both
+        w_base, w_ours, w_stock = (weights(p, keys) for p in (model, ours, stock))
         records = lora.lora.lora2_modules()
-        formula = []
+        formula, live = [], 0
         for mod in records:  # fp8 weights are re-quantised after patching: no exact formula
-            key = mod + ".weight"
+            key, delta = mod + ".weight", _stitched_delta(lora.lora, mod)
+            live += bool(delta.abs().max() > 0)  # a module no loss reaches keeps B = 0
             if w_base[key].dtype == torch.float32:
-                want = w_base[key] + 0.8 * _stitched_delta(lora.lora, mod)
+                want = w_base[key] + 0.8 * delta
                 formula.append(bool(torch.allclose(w_stock[key], want, atol=1e-5)))
         res["styles"][style] = {
-            "modules": len(records), "file_keys": len(lora.lora.modules),
+            "modules": len(records), "file_keys": len(lora.lora.modules), "live": live,
             "equal_stock": all(torch.equal(w_ours[k], w_stock[k]) for k in w_stock),
             "changed": sum(not torch.equal(w_base[k], w_stock[k]) for k in w_base),
             "formula": formula, "not_loaded": log.lines[n_lines:],
@@ -430,7 +443,7 @@ def check_family(mods, args) -> dict:
                    **{**common, "steps": 1})
         res["image_latent_loss"] = [h["loss"] for h in out[0].history]
     res["weight_dtypes_during_training"] = sorted(during)
-    res["model_unchanged"] = same(before, snapshot(model))
+    res["model_unchanged"] = same(before, snapshot(model, copy=False))
     return res
 
 

@@ -12,6 +12,7 @@ family's engine schedule equals the MODEL's own ``model_sampling``.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -86,10 +87,14 @@ def test_comfyui_detects_the_stand_in_and_computes_its_output(name, version, tmp
     assert report["family"] == name
     theirs = load_file(str(tmp_path / "out.safetensors"))["out"]
     conds = {k: v for k, v in inputs.items() if k not in ("x", "t", "c_crossattn")}
+    capture = fam.entropy(model) if fam.entropy else None
     with torch.no_grad():
         ours = model(inputs["x"], inputs["t"], context=inputs["c_crossattn"], **conds)
     assert ours.abs().max() > 1e-2
     torch.testing.assert_close(theirs, ours, atol=1e-4 if not big else 2e-3, rtol=1e-4)
+    if capture is not None:  # the capture reads ComfyUI's tensors (its layouts) as ours
+        assert report["entropy"] == pytest.approx(float(capture.mean()), rel=1e-4), report
+        assert 0 < report["entropy"] < math.log(inputs["c_crossattn"].shape[1])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -113,7 +118,9 @@ def test_trained_files_load_in_stock_loraloader_like_apply(name, version, tmp_pa
     assert r["model_unchanged"]
     for style, s in r["styles"].items():
         assert s["not_loaded"] == [], style
-        assert s["equal_stock"] and s["changed"] == s["modules"], style
+        # every module with an update changes its weight; the others keep B = 0 (in a 1-block
+        # Qwen-Image the last block's text path reaches no output, so no gradient: measured)
+        assert s["equal_stock"] and s["changed"] == s["live"] > 0, style
         assert len(s["formula"]) == s["modules"] and all(s["formula"]), style
         assert s["file_keys"] >= s["modules"] > 0
         assert all(e > 0 for e in s["entropy"]) if fam.entropy else True
@@ -151,11 +158,14 @@ def test_trains_through_the_server_from_unetloader(name, weight_dtype, training_
     fam = get(name)
     stand_in = load_stand_in(fam)
     size = stand_in.sizes.get(version)
-    if size != {}:
-        pytest.skip(f"{fam.display} on {version}: " + (
-            stand_in.why_not.get(version, "no stand-in") if size is None else
-            f"the stand-in takes {size.get('context')}-wide text there, and no text encoder "
-            "of that width fits a server graph; covered in-process"))
+    if size is None:
+        pytest.skip(f"{fam.display} on {version}: " + stand_in.why_not.get(version,
+                                                                          "no stand-in"))
+    if size:
+        pytest.skip(f"{fam.display} on {version}: the stand-in is built as {size} there " + (
+            f"({size['context']}-wide text: no text encoder of that width fits a server graph)"
+            if "context" in size else "(ComfyUI fixes its widths: too slow for a server "
+            "graph on a CPU)") + "; covered in-process")
     folder = server.base / "models" / "diffusion_models"
     _, _, _, _, path, _ = stand_in_file(name, version, folder)
     start = len(server.log())
