@@ -11,8 +11,6 @@ modules) writes. Stock ComfyUI maps all three.
 
 from __future__ import annotations
 
-import math
-
 from .base import Family, Rename, TableNaming
 
 B = "transformer_blocks.{}"
@@ -36,12 +34,11 @@ def joint_attention(module):
 
 
 def schedule():
-    """ComfyUI's QwenImage sampling (``ModelSamplingFlux``, shift 1.15): rectified flow with
-    ``sigma = e^1.15 t / (1 + (e^1.15 - 1) t)``, the same warp as a linear shift of e^1.15;
-    timestep = sigma."""
-    from ..schedule import FlowSchedule
+    """ComfyUI's QwenImage sampling (``ModelSamplingFlux``, shift 1.15): rectified flow,
+    ``sigma = e^1.15 / (e^1.15 + 1/t - 1)``, timestep = sigma."""
+    from ..schedule import FluxShiftSchedule
 
-    return FlowSchedule(shift=math.exp(1.15), multiplier=1.0, num_timesteps=10000)
+    return FluxShiftSchedule(mu=1.15)
 
 
 def conditioning(context, pooled, width: int, height: int) -> dict:

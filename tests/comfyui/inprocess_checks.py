@@ -350,8 +350,11 @@ def check_one_path(mods, args) -> dict:
 
 
 def _stitched_delta(lora, name: str) -> torch.Tensor:
-    """Delta W of module ``name`` from the LoRA's own tensors (split parts stacked by rows)."""
+    """Delta W of module ``name`` from the LoRA's own tensors (split parts stacked by rows);
+    a module exported at rank 0 (its update is exactly zero) has no tensors in the file."""
     rec = lora.lora2_modules()[name]
+    if rec["rank"] == 0:
+        return torch.zeros(rec["m"], rec["n"])
     keys = [k for k, _ in rec.get("split", [[rec["key"], None]])]
     return torch.cat([lora.modules[k].delta() for k in keys])
 
@@ -414,8 +417,11 @@ def check_family(mods, args) -> dict:
         formula, live = [], 0
         for mod in records:  # fp8 weights are re-quantised after patching: no exact formula
             key, delta = mod + ".weight", _stitched_delta(lora.lora, mod)
-            live += bool(delta.abs().max() > 0)  # a module no loss reaches keeps B = 0
-            if w_base[key].dtype == torch.float32:
+            nonzero = bool(delta.abs().max() > 0)  # a module no loss reaches keeps B = 0
+            live += nonzero
+            if key not in keys:  # patched by neither: right only if its update is zero
+                formula.append(not nonzero)
+            elif w_base[key].dtype == torch.float32:
                 want = w_base[key] + 0.8 * delta
                 formula.append(bool(torch.allclose(w_stock[key], want, atol=1e-5)))
         res["styles"][style] = {

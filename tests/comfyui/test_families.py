@@ -115,16 +115,49 @@ def test_trained_files_load_in_stock_loraloader_like_apply(name, version, tmp_pa
     if len(stand_in.latent_shape) == 4:  # a video family takes an image latent as one frame:
         first = r["styles"][fam.comfy_loads[0]]["loss"][0]  # the same first step
         assert r["image_latent_loss"] == [pytest.approx(first, rel=1e-6)]
+    assert_stock_loads_like_apply(r, fam)
+
+
+def assert_stock_loads_like_apply(r: dict, fam) -> None:
+    """Each key style's file in stock LoraLoaderModelOnly: no unmatched key, weights equal to
+    ApplyAdaptiveLoRA's and to base + strength · B Λ A; the incoming MODEL unchanged."""
     assert r["model_unchanged"]
+    assert set(r["styles"]) == set(fam.comfy_loads)
     for style, s in r["styles"].items():
         assert s["not_loaded"] == [], style
         # every module with an update changes its weight; the others keep B = 0 (in a 1-block
         # Qwen-Image the last block's text path reaches no output, so no gradient: measured)
         assert s["equal_stock"] and s["changed"] == s["live"] > 0, style
         assert len(s["formula"]) == s["modules"] and all(s["formula"]), style
-        assert s["file_keys"] >= s["modules"] > 0
+        assert s["file_keys"] >= s["live"]  # zero modules are left out (rank 0 recorded)
         assert all(e > 0 for e in s["entropy"]) if fam.entropy else True
         assert all(x == x and abs(x) < 1e6 for x in s["loss"]), s["loss"]  # finite
+
+
+def test_chroma_trains_through_the_flux_entry(version, tmp_path):
+    """A Chroma file (the Flux stand-in's blocks without modulation, plus the guidance
+    approximator ComfyUI detects Chroma by; 3072 wide, as ComfyUI fixes it) is detected as
+    ``Chroma``, mapped to the Flux entry, trained in every key style, and loaded by stock
+    LoraLoader like ApplyAdaptiveLoRA. Chroma's noise schedule (flux shift 1.15) is not
+    schnell's: in ComfyUI the denoiser takes the MODEL's own ``model_sampling``."""
+    from lora2_engine.models.tiny_flux import CHROMA_HIDDEN, chroma_state_dict
+
+    fam = get("flux")
+    stand_in = load_stand_in(fam)
+    size = {**stand_in.sizes.get(version, {}), "hidden": CHROMA_HIDDEN}
+    model = stand_in.build(seed=1, **size)
+    sd = {k: v.to(torch.bfloat16) for k, v in chroma_state_dict(model, seed=2).items()}
+    del model
+    path = tmp_path / "models" / "tiny_chroma.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file(sd, str(path))
+    del sd
+    r = run_check("family", tmp=str(tmp_path / "comfy"), file=str(path), family="chroma",
+                  styles=list(fam.comfy_loads), steps=1, latent_shape=list(stand_in.latent_shape),
+                  context=size.get("context", stand_in.context_dim), pooled=0)
+    assert r["config"] == "Chroma" and r["family"] == "flux"
+    assert r["schedule_same"] != [True] * 6  # its own schedule, which the bridge uses
+    assert_stock_loads_like_apply(r, fam)
 
 
 CLIP_WIDTH = 768  # the tiny SD1.5 checkpoint's CLIP-L: context and pooled widths
