@@ -102,7 +102,8 @@ FAMILY = Family(
     kohya_version=("flux1", "flux-1-dev/lora"),
     file_signature=("double_blocks", "single_blocks", "single_transformer_blocks"),
     stand_in="lora2_engine.models.tiny_flux:STAND_IN",
-    notes={"chroma": "Chroma is recognised (ComfyUI image_model 'chroma', the same block "
-                     "names) but has no stand-in: ComfyUI fixes its guidance approximator at "
-                     "3072/5120 wide, ~0.65 B parameters"},
+    notes={"chroma": "Chroma is recognised (ComfyUI image_model 'chroma', Flux's blocks without "
+                     "modulation) and tested in ComfyUI with a file made from the stand-in "
+                     "(tests/comfyui/test_families.py); ComfyUI fixes it at hidden 3072, so "
+                     "0.62 B parameters; its schedule is the MODEL's own there"},
 )
