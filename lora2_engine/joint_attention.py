@@ -7,14 +7,14 @@ over the text tokens). Its entropy is taken on the q and k the model really uses
 RMSNorm (forward hooks on the blocks' norm modules) and after RoPE (the block's RoPE argument,
 caught by a forward pre-hook on the block).
 
-Two block shapes are covered. Double-stream blocks (Flux, Qwen-Image) project image and text
-tokens with separate weights: the image queries come from one norm, the text keys from
-another. Single-stream blocks (Lumina 2's ``layers``) project the joint sequence with one
+Two block shapes are covered. Double-stream blocks (Flux, SD3 / SD3.5, Qwen-Image) project
+image and text tokens with separate weights: the image queries come from one norm, the text
+keys from another. Single-stream blocks (Lumina 2's ``layers``) project the joint sequence with one
 weight: one norm gives all queries, another all keys, split at the text length (caught from
 the output of a module that sees the text tokens alone, e.g. Lumina's ``context_refiner``).
 Tensors may be heads-first ``(B, H, L, D)`` with RoPE ``(B, 1, L, ...)`` or sequence-first
-``(B, L, H, D)`` with RoPE ``(B, L, 1, ...)`` (ComfyUI uses both); grouped keys (GQA) are
-repeated per query head, as the attention does.
+``(B, L, H, D)`` with RoPE ``(B, L, 1, ...)`` (ComfyUI uses both; MMDiT: sequence-first, no
+RoPE); grouped keys (GQA) are repeated per query head, as the attention does.
 """
 
 from __future__ import annotations
