@@ -384,6 +384,7 @@ def check_family(mods, args) -> dict:
     latents = {"samples": torch.randn(2, *args["latent_shape"], generator=g)}
     extra = ({"pooled_output": torch.randn(1, args["pooled"], generator=g)} if args["pooled"]
              else {})
+    extra.update(args.get("cond_extra", {}))
     positive = [[torch.randn(1, 77, args["context"], generator=g), extra]]
     before = snapshot(model)
     during: set[str] = set()  # dtypes of the frozen Linear weights while training
