@@ -99,8 +99,28 @@ def layout_of(base_model) -> UNetLayout:
     return fam.model_layout(base_model.model_config.unet_config) if fam else OTHER
 
 
+# Blocks that update a tensor autograd has saved with an explicit in-place call (not `a += b`,
+# which checkpointing.OutOfPlaceAugmented handles): nothing can differentiate through them.
+UNTRAINABLE_BLOCKS = {("comfy.ldm.chroma.layers", "DoubleStreamBlock"),
+                      ("comfy.ldm.chroma.layers", "SingleStreamBlock")}
+
+
+def require_trainable(base_model) -> None:
+    """Refuse, before loading, a model whose own blocks autograd cannot run backward through
+    (ComfyUI 0.3.x's Chroma: ``x.addcmul_(gate, out)`` after LayerNorm saved ``x``)."""
+    for m in base_model.diffusion_model.modules():
+        cls = type(m)
+        if (cls.__module__, cls.__name__) in UNTRAINABLE_BLOCKS:
+            raise ValueError(
+                f"this ComfyUI's {type(base_model.model_config).__name__} blocks "
+                f"({cls.__module__}.{cls.__name__}) add their residuals in place on a tensor "
+                "the backward pass needs, so they cannot be trained (with or without "
+                "checkpointing); update ComfyUI (0.28.0, tested, runs Chroma on Flux's blocks)")
+
+
 def load_for_training(model) -> TrainingModel:
     """Load the MODEL fully onto the compute device (applying its pending patches)."""
+    require_trainable(model.model)
     mm.load_models_gpu([model], force_full_load=True)
     base = model.model
     fmt = base.latent_format

@@ -454,8 +454,30 @@ def check_family(mods, args) -> dict:
     return res
 
 
+def check_chroma_refused(mods, args) -> dict:
+    """TrainAdaptiveLoRA on a model whose blocks cannot be trained: the node's error."""
+    comfy_nodes = importlib.import_module("nodes")
+    import folder_paths
+
+    use_scratch_folders(Path(args["tmp"]))
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(args["file"]).parent),
+                                       is_default=True)
+    loader = comfy_nodes.UNETLoader()
+    model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name, "default")[0]
+    latents = {"samples": torch.zeros(1, 16, 8, 8)}
+    positive = [[torch.zeros(1, 77, 4096), {"pooled_output": None}]]
+    try:
+        call(mods["nodes.train"].TrainAdaptiveLoRA, model=model, latents=latents,
+             positive=positive, preset="spread", steps=1, learning_rate=1e-3, r_target=0.0,
+             seed=0, init_rank=4, nu_lr=0.3, filename="lora2/refused")
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15,
-          "one_path": check_one_path, "family": check_family}
+          "one_path": check_one_path, "family": check_family,
+          "chroma_refused": check_chroma_refused}
 
 if __name__ == "__main__":
     check, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
