@@ -107,7 +107,7 @@ UNTRAINABLE_BLOCKS = {("comfy.ldm.chroma.layers", "DoubleStreamBlock"),
 
 def require_trainable(base_model) -> None:
     """Refuse, before loading, a model whose own blocks autograd cannot run backward through
-    (ComfyUI 0.3.x's Chroma: ``x.addcmul_(gate, out)`` after LayerNorm saved ``x``)."""
+    (ComfyUI 0.3.54's Chroma: ``x.addcmul_(gate, out)`` after LayerNorm saved ``x``)."""
     for m in base_model.diffusion_model.modules():
         cls = type(m)
         if (cls.__module__, cls.__name__) in UNTRAINABLE_BLOCKS:
