@@ -240,8 +240,11 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
+    from .models.loader import tiny_names
+
+    others = ", ".join(n for n in tiny_names() if n != "tiny-sdxl")
     p.add_argument("--model", default="tiny-sdxl",
-                   help="tiny-sdxl (default), tiny-sd15, tiny-flux, or a diffusers SD1.x/SDXL "
+                   help=f"tiny-sdxl (default), {others} (stand-ins), or a diffusers SD1.x/SDXL "
                         "folder")
     p.add_argument("--training-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")

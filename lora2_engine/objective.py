@@ -64,11 +64,14 @@ class EntropyCapture:
     """Records the cross-attention entropy of every ``attn2`` during a forward pass.
 
     Forward hooks on ``attn2.to_q`` and ``attn2.to_k`` see the (adapted) projections, so the
-    attention itself keeps its fused kernel. Values are stored per layer and overwritten, so the
-    recomputation of non-reentrant gradient checkpointing stores the same value again.
+    attention itself keeps its fused kernel; ``q`` / ``k`` name other submodules whose outputs
+    are the (B, N, heads*d) queries and keys (Wan: the q/k norms ``norm_q`` / ``norm_k``).
+    Values are stored per layer and overwritten, so the recomputation of non-reentrant gradient
+    checkpointing stores the same value again.
     """
 
-    def __init__(self, model: nn.Module, pattern: str = "attn2") -> None:
+    def __init__(self, model: nn.Module, pattern: str = "attn2", q: str = "to_q",
+                 k: str = "to_k") -> None:
         self.values: dict[str, torch.Tensor] = {}
         self._q: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -77,7 +80,7 @@ class EntropyCapture:
             if not name.endswith(pattern):
                 continue
             heads = getattr(module, "heads", None) or getattr(module, "num_heads", None)
-            to_q, to_k = getattr(module, "to_q", None), getattr(module, "to_k", None)
+            to_q, to_k = getattr(module, q, None), getattr(module, k, None)
             if heads is None or to_q is None or to_k is None:
                 continue
             self._handles.append(to_q.register_forward_hook(self._store_q(name)))

@@ -15,6 +15,7 @@ the library and the tests, so both paths run the same numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -147,6 +148,20 @@ class FlowSchedule(_SigmaTable):
                       max_denoise: bool = False) -> torch.Tensor:
         s = _per_sample(sigma, noise.ndim)
         return s * noise + (1.0 - s) * latent_image
+
+
+class FluxShiftSchedule(FlowSchedule):
+    """Rectified flow with the exponential shift of Flux dev, Qwen-Image and Chroma:
+    ``sigma = e^mu / (e^mu + (1/t - 1))``, timestep = sigma, a 10000-step table. The curve is
+    ``FlowSchedule(shift=e^mu)``'s; it is computed in this form because ComfyUI's
+    ``ModelSamplingFlux`` is, and the engine's numbers must be the MODEL's to the bit."""
+
+    def __init__(self, mu: float = 1.15) -> None:
+        self.mu = mu
+        super().__init__(shift=math.exp(mu), multiplier=1.0, num_timesteps=10000)
+
+    def _shifted(self, t):
+        return math.exp(self.mu) / (math.exp(self.mu) + (1 / t - 1) ** 1.0)
 
 
 # ------------------------------------------------------------------ the maths on any schedule

@@ -99,8 +99,28 @@ def layout_of(base_model) -> UNetLayout:
     return fam.model_layout(base_model.model_config.unet_config) if fam else OTHER
 
 
+# Blocks that update a tensor autograd has saved with an explicit in-place call (not `a += b`,
+# which checkpointing.OutOfPlaceAugmented handles): nothing can differentiate through them.
+UNTRAINABLE_BLOCKS = {("comfy.ldm.chroma.layers", "DoubleStreamBlock"),
+                      ("comfy.ldm.chroma.layers", "SingleStreamBlock")}
+
+
+def require_trainable(base_model) -> None:
+    """Refuse, before loading, a model whose own blocks autograd cannot run backward through
+    (ComfyUI 0.3.54's Chroma: ``x.addcmul_(gate, out)`` after LayerNorm saved ``x``)."""
+    for m in base_model.diffusion_model.modules():
+        cls = type(m)
+        if (cls.__module__, cls.__name__) in UNTRAINABLE_BLOCKS:
+            raise ValueError(
+                f"this ComfyUI's {type(base_model.model_config).__name__} blocks "
+                f"({cls.__module__}.{cls.__name__}) add their residuals in place on a tensor "
+                "the backward pass needs, so they cannot be trained (with or without "
+                "checkpointing); update ComfyUI (0.28.0, tested, runs Chroma on Flux's blocks)")
+
+
 def load_for_training(model) -> TrainingModel:
     """Load the MODEL fully onto the compute device (applying its pending patches)."""
+    require_trainable(model.model)
     mm.load_models_gpu([model], force_full_load=True)
     base = model.model
     fmt = base.latent_format
@@ -157,6 +177,10 @@ def _example(base, latent, cross_attn, extra: dict, width: int, height: int) -> 
         value = getattr(cond, "cond", None)
         if torch.is_tensor(value):
             ex[key] = value[0].detach().clone().cpu()
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            # a number the model's signature requires (Lumina 2's num_tokens, a
+            # CONDConstant): kept as a tensor so examples batch like the rest
+            ex[key] = torch.tensor(value)
     return ex
 
 
@@ -180,13 +204,15 @@ def encode_latents(model, latents: dict, positive: list) -> list[dict]:
     if len(positive) not in (1, samples.shape[0]):
         raise ValueError(f"positive has {len(positive)} conditionings for {samples.shape[0]} "
                          "latents: give one, or one per latent")
+    if getattr(base.latent_format, "latent_dimensions", 2) == 3 and samples.ndim == 4:
+        samples = samples.unsqueeze(2)  # an image latent for a video-shaped model, as KSampler
     examples = []
     for i in range(samples.shape[0]):
         cond, extra = positive[i if len(positive) > 1 else 0]
         latent = base.process_latent_in(samples[i: i + 1])
         enc = {k: v for k, v in extra.items() if k in ("pooled_output", "guidance")}
         examples.append(_example(base, latent, cond[:1].float().cpu(), enc,
-                                 latent.shape[3] * 8, latent.shape[2] * 8))
+                                 latent.shape[-1] * 8, latent.shape[-2] * 8))
     return examples
 
 
@@ -200,6 +226,8 @@ def latent_preview(latent: torch.Tensor, rgb_factors) -> torch.Tensor | None:
     if rgb_factors is None:
         return None
     factors, bias = rgb_factors
+    if latent.ndim == 5:  # (B, C, T, h, w) of a video model: its first frame
+        latent = latent[:, :, 0]
     f = torch.tensor(factors, dtype=torch.float32)
     img = latent.float().cpu().movedim(1, -1) @ f  # (B, h, w, 3)
     if bias is not None:

@@ -71,9 +71,9 @@ def test_the_stand_in_runs_with_the_family_conditioning_and_schedule(name):
     assert out.shape == x.shape and torch.isfinite(out).all() and out.std() > 1e-3
 
 
-def _trained(model, fam, seed: int = 3):
-    ad = attach(model, AdapterConfig(targets=fam.targets + fam.targets_mlp, r_target=2,
-                                     init_rank=4, r_max=32))
+def _trained(model, fam, seed: int = 3, targets: tuple[str, ...] = ()):
+    ad = attach(model, AdapterConfig(targets=targets or fam.targets + fam.targets_mlp,
+                                     r_target=2, init_rank=4, r_max=32))
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(ad.layers.values()):
         layer.resize(1 + i % 5)
@@ -148,7 +148,7 @@ def test_diffusers_loads_the_diffusers_style_file_exactly(name, tmp_path):
     lora = read_lora(path)
     twin = stand_in.diffusers_model(model)
     before = {k: v.clone() for k, v in twin.state_dict().items()}
-    _load_into(twin, path)
+    _load_into(twin, path, fam.diffusers_pipeline)
     after = twin.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     prefix = fam.diffusers_component + "."
@@ -160,14 +160,48 @@ def test_diffusers_loads_the_diffusers_style_file_exactly(name, tmp_path):
     assert len(set(lora.ranks().values())) > 1  # per-module ranks survived diffusers
 
 
-def _load_into(model, path):
+# Styles diffusers converts itself (``loaders/lora_conversion_utils.py``: musubi-tuner's
+# ``lora_unet_…`` and ComfyUI's ``diffusion_model.…`` Wan files): an independent check of the
+# diffusers names, since loading them must change the same weights by the same amounts.
+# (diffusers 0.42's musubi converter insists on the MLP layers, so an attention-only Wan file
+# reaches diffusers in the comfy or diffusers style only.)
+DIFFUSERS_CONVERTS = [("wan", "kohya", "attention+mlp"), ("wan", "comfy", "attention+mlp"),
+                      ("wan", "comfy", "attention")]
+
+
+@pytest.mark.parametrize("name,style,targets", DIFFUSERS_CONVERTS)
+def test_diffusers_own_conversion_agrees_with_the_diffusers_style(name, style, targets,
+                                                                  tmp_path):
+    pytest.importorskip("peft", reason="diffusers needs peft to load LoRA files")
+    fam, model = _model(name)
+    stand_in = load_stand_in(fam)
+    ad = _trained(model, fam, targets=fam.resolve_targets(targets))
+    layout = fam.model_layout(stand_in.unet_config(model))
+    deltas = []
+    for s in ("diffusers", style):
+        path = export_adapters(ad, tmp_path / f"{s}.safetensors", ExportConfig(key_style=s),
+                               layout)
+        twin = stand_in.diffusers_model(model)  # the same diffusers init each time
+        before = {k: v.clone() for k, v in twin.state_dict().items()}
+        _load_into(twin, path, fam.diffusers_pipeline)
+        deltas.append({k: v - before[k] for k, v in twin.state_dict().items()
+                       if not torch.equal(v, before[k])})
+    ours, theirs = deltas
+    assert ours and ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], atol=1e-6, rtol=1e-5)
+    ad.detach()
+
+
+def _load_into(model, path, pipeline: str = ""):
     """diffusers' own ``load_lora_weights`` on a pipeline holding only this transformer, then
     ``fuse_lora`` at scale 1 (the weights then carry exactly the update diffusers applies)."""
     import inspect
 
     import diffusers
 
-    pipe_cls = getattr(diffusers, type(model).__name__.replace("Transformer2DModel", "Pipeline"))
+    pipe_cls = getattr(diffusers, pipeline or type(model).__name__.replace(
+        "Transformer2DModel", "Pipeline"))
     parts = {n: None for n in inspect.signature(pipe_cls.__init__).parameters if n != "self"}
     pipe = pipe_cls(**{**parts, "transformer": model})
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -267,7 +301,14 @@ def test_ranks_differ_per_component_after_a_short_run_on_a_planted_teacher(name)
     (["FluxSchnell", "Flux", "BASE"], {"image_model": "flux"}, "flux"),
     (["Chroma", "BASE"], {"image_model": "chroma"}, "flux"),
     (["Flux2", "Flux", "BASE"], {"image_model": "flux2"}, None),  # other blocks: no entry yet
-    (["SD3", "BASE"], {}, None),
+    (["SD3", "BASE"], {}, "sd3"),
+    (["WAN21_T2V", "BASE"], {"image_model": "wan2.1"}, "wan"),
+    (["WAN22_T2V", "WAN21_T2V", "BASE"], {"image_model": "wan2.1"}, "wan"),
+    (["QwenImage", "BASE"], {"image_model": "qwen_image"}, "qwen_image"),
+    (["Lumina2", "BASE"], {"image_model": "lumina2"}, "lumina2"),
+    (["ZImage", "Lumina2", "BASE"], {"image_model": "lumina2"}, "lumina2"),
+    (["ChromaRadiance", "Chroma", "BASE"], {"image_model": "chroma_radiance"}, None),  # pixels
+    (["HunyuanImage21", "HunyuanVideo", "BASE"], {"image_model": "hunyuan_video"}, None),
     (["SD20", "BASE"], {}, None)])
 def test_comfyui_detection_maps_to_entries(names, unet_config, want):
     from lora2_engine.families import from_comfy

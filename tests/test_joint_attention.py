@@ -133,3 +133,74 @@ def test_capture_gradient_survives_checkpointing():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     cap.remove()
     ad.detach()
+
+
+N_TXT = 11  # text tokens, distinct from the 16 image tokens of an 8x8 latent
+
+
+def _text_reads(name: str, q: torch.Tensor, k: torch.Tensor):
+    """From one attention call (B, H, L, d): the image-query rows over the text keys, or None
+    when the call is not text→image (SD3, Qwen-Image, Lumina 2's single-stream layers: the
+    joint attention over [text; image], whose first N_TXT tokens are text, grouped keys already
+    repeated per head; not Lumina's refiners over text or image alone; Wan: the
+    cross-attention, whose keys are the text)."""
+    if name in ("sd3", "qwen_image", "lumina2") and k.shape[2] == N_TXT + 16:
+        return q[:, :, N_TXT:], k[:, :, :N_TXT]
+    if name == "wan" and k.shape[2] == N_TXT:
+        return q, k
+    return None
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan", "qwen_image", "lumina2"])
+def test_family_capture_is_the_entropy_of_what_the_model_attends_with(name, monkeypatch):
+    """On the family's stand-in: record every attention call (q, k as the kernel receives them,
+    after the q/k norms), take the image-query rows over the text keys, and compare their
+    softmax entropy, and its gradient with respect to the adapters, with the capture's."""
+    from lora2_engine import AdapterConfig, attach
+    from lora2_engine.denoiser import ModuleDenoiser
+    from lora2_engine.families import get
+    from lora2_engine.models.standin import load_stand_in
+
+    fam = get(name)
+    stand_in = load_stand_in(fam)
+    model = stand_in.build(seed=2)
+    ad = attach(model, AdapterConfig(targets=fam.targets, init_rank=3))
+    g = torch.Generator().manual_seed(1)
+    for layer in ad.layers.values():
+        activate_slots(layer, g)
+        layer.B.data.normal_(std=0.1, generator=g)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q, k))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    cap = fam.entropy(model)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, N_TXT, stand_in.context_dim, generator=g)
+    pooled = torch.randn(2, stand_in.pooled_dim, generator=g) if stand_in.pooled_dim else None
+    conds = [fam.conditioning(ctx[i], None if pooled is None else pooled[i], 64, 64)
+             for i in range(2)]
+    den = ModuleDenoiser(model, fam.schedule(), fam.cond_keys)
+    den(torch.randn(2, *stand_in.latent_shape, generator=g), torch.tensor([0.3, 0.8]),
+        **{k: torch.stack([c[k] for c in conds]) for k in conds[0]})
+    reads = [r for r in (_text_reads(name, q, k) for q, k in seen) if r is not None]
+    direct = []
+    for q, k in reads:
+        p = torch.softmax(q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        direct.append(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+    assert len(reads) == cap.num_layers == len(cap.values) > 0
+    for want, got in zip(direct, cap.values.values()):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    params = list(ad.factor_parameters())
+    ours = torch.autograd.grad(cap.mean(), params, retain_graph=True, allow_unused=True,
+                               materialize_grads=True)  # unused: zeros (None in one of them)
+    ref = torch.autograd.grad(torch.stack(direct).mean(), params, allow_unused=True,
+                              materialize_grads=True)
+    assert any(r.abs().sum() > 0 for r in ref)  # the entropy reaches the adapters
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    cap.remove()
+    ad.detach()

@@ -16,6 +16,7 @@ from lora2_engine.denoiser import ApplyModelDenoiser
 from lora2_engine.schedule import (
     DiscreteSchedule,
     FlowSchedule,
+    FluxShiftSchedule,
     denoising_loss,
     euler_sample,
     output_scale,
@@ -41,7 +42,8 @@ SCHEDULES = [pytest.param(lambda k=k: StandInSampling(k), k, id=f"textbook-{k}")
              for k in ("eps", "v", "flow", "x0")] + [
     pytest.param(lambda: DiscreteSchedule("eps"), "eps", id="engine-eps"),
     pytest.param(lambda: DiscreteSchedule("v"), "v", id="engine-v"),
-    pytest.param(lambda: FlowSchedule(shift=3.0), "flow", id="engine-flow-shift3")]
+    pytest.param(lambda: FlowSchedule(shift=3.0), "flow", id="engine-flow-shift3"),
+    pytest.param(lambda: FluxShiftSchedule(1.15), "flow", id="engine-flux-shift")]
 
 
 @pytest.mark.parametrize("make,kind", SCHEDULES)
@@ -73,6 +75,20 @@ def test_discrete_schedule_matches_the_textbook_one(kind):
         assert ours.sigmas.min() <= s <= ours.sigmas.max() * 1.0001
     assert ours.percent_to_sigma(1.0) == 0.0
     assert torch.equal(ours.timestep(ours.sigmas[[0, 500, 999]]), torch.tensor([0, 500, 999]))
+
+
+def test_flux_shift_is_a_linear_shift_of_e_to_the_mu():
+    """Flux's exponential shift (mu) is the same curve as a linear shift of e^mu: only the
+    form differs (ComfyUI's), so the two agree to rounding, and the table has 10000 steps."""
+    mu = 1.15
+    ours = FluxShiftSchedule(mu)
+    t = torch.linspace(0.001, 1.0, 97, dtype=torch.float64)
+    linear = math.exp(mu) * t / (1 + (math.exp(mu) - 1) * t)
+    torch.testing.assert_close(ours.sigma(t), linear, atol=1e-12, rtol=0)
+    assert ours.percent_to_sigma(0.5) == pytest.approx(math.exp(mu) / (math.exp(mu) + 1))
+    assert ours.sigmas.shape == (10000,)
+    sigma = torch.tensor([0.3, 0.8])
+    assert torch.equal(ours.timestep(sigma), sigma)  # timestep = sigma
 
 
 def test_flow_schedule_shift_and_multiplier():

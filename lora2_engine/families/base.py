@@ -106,6 +106,8 @@ class Family:
     comfy_image_models: tuple[str, ...] = ()  # or ComfyUI's detected unet_config["image_model"]
     diffusers_class: str = ""  # diffusers model class of this family ("" = none)
     diffusers_match: Callable[[str, dict], bool] | None = None  # (class name, config)
+    diffusers_pipeline: str = ""  # the pipeline whose load_lora_weights reads its files ("":
+    # the class name with Transformer2DModel → Pipeline)
     comfy_loads: tuple[str, ...] = ("kohya", "comfy")  # styles stock LoraLoader maps
     diffusers_component: str = "unet"  # PEFT metadata prefix in diffusers files
     cond_keys: tuple[str, ...] = ()  # conditioning passed by name besides c_crossattn
@@ -117,6 +119,7 @@ class Family:
     inplace_blocks: bool = False  # ComfyUI's blocks add residuals in place (see checkpointing)
     grad_checkpointing: bool = False  # default when the node's input is "auto"
     latent_channels: int = 4
+    video: bool = False  # latents are (C, T, h, w); a still image is one frame (T = 1)
     kohya_version: tuple[str, str] | None = None  # ss_base_model_version, modelspec arch
     file_signature: tuple[str, ...] = ()  # key fragments marking this family's foreign files
     stand_in: str = ""  # module of the tiny stand-in (tests, demo, bench)

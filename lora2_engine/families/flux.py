@@ -56,7 +56,7 @@ def joint_attention(module):
     """Entropy of the image queries over the text keys in every double-stream block."""
     from ..joint_attention import JointAttentionCapture
 
-    return JointAttentionCapture(module, "double_blocks", "img_attn.norm", "txt_attn.norm")
+    return JointAttentionCapture(module, "double_blocks", "img_attn.norm[0]", "txt_attn.norm[1]")
 
 
 def schnell_schedule():
@@ -102,7 +102,8 @@ FAMILY = Family(
     kohya_version=("flux1", "flux-1-dev/lora"),
     file_signature=("double_blocks", "single_blocks", "single_transformer_blocks"),
     stand_in="lora2_engine.models.tiny_flux:STAND_IN",
-    notes={"chroma": "Chroma is recognised (ComfyUI image_model 'chroma', the same block "
-                     "names) but has no stand-in: ComfyUI fixes its guidance approximator at "
-                     "3072/5120 wide, ~0.65 B parameters"},
+    notes={"chroma": "Chroma is recognised (ComfyUI image_model 'chroma', Flux's blocks without "
+                     "modulation) and tested in ComfyUI with a file made from the stand-in "
+                     "(tests/comfyui/test_families.py); ComfyUI fixes it at hidden 3072, so "
+                     "0.62 B parameters; its schedule is the MODEL's own there"},
 )

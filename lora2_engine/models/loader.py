@@ -75,7 +75,8 @@ def encoder(vae, text_encoder, family: Family):
             context, pooled = text_encoder.encode([cap])
             conds = family.conditioning(context[0], None if pooled is None else pooled[0],
                                         img.shape[2], img.shape[1])
-            out.append({"latents": vae.encode(img[None])[0], **conds})
+            latent = vae.encode(img[None])[0]  # (C, h, w)
+            out.append({"latents": latent[:, None] if family.video else latent, **conds})
         return out
 
     return encode

@@ -19,12 +19,15 @@ class StandIn:
     build: Callable[..., nn.Module]  # (seed=0, dtype=float32) -> the ComfyUI-layout model
     comfy_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]]  # UNETLoader's file
     comfy_names: tuple[str, ...]  # model_config classes ComfyUI 0.28.0 detects (any)
-    latent_shape: tuple[int, int, int]  # (C, h, w) of a test latent
+    latent_shape: tuple[int, ...]  # (C, h, w) of a test latent; (C, T, h, w) for video models
     context_dim: int  # width of c_crossattn
     pooled_dim: int  # width of the pooled text vector (0: none)
     latent_scale: float  # of the VAE stand-in
     how_made: str  # one line for the README
     unet_config: Callable[[nn.Module], dict] = lambda _m: {}  # ComfyUI vocabulary (layout)
+    # safetensors metadata the file needs (e.g. ComfyUI's "config" for a width that detection
+    # does not derive from shapes)
+    comfy_metadata: Callable[[nn.Module], dict[str, str]] = lambda _m: {}
     # ComfyUI version -> build() size arguments ("context": its c_crossattn width if not
     # context_dim); a version missing here is not tested, with the reason in ``why_not``
     sizes: dict[str, dict] = field(default_factory=dict)

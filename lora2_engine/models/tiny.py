@@ -408,7 +408,8 @@ class TinyUNet(nn.Module):
 
 def _named_leaf_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in module.named_modules():
-        if isinstance(m, nn.Linear | nn.Conv2d | nn.GroupNorm | nn.LayerNorm | nn.Embedding):
+        if isinstance(m, nn.Linear | nn.Conv2d | nn.GroupNorm | nn.LayerNorm | nn.RMSNorm
+                      | nn.Embedding):
             yield name, m
 
 
@@ -417,9 +418,14 @@ def _init_weights(module: nn.Module, generator: torch.Generator) -> None:
     """Seeded init independent of the global RNG: U(+-1/sqrt(fan_in)) like torch's default.
 
     Output convs are deliberately *not* zeroed (LDM does zero them) so a fresh model has
-    non-zero outputs and every parameter receives gradient.
+    non-zero outputs and every parameter receives gradient. RMSNorm scales are 1 (the DiT
+    stand-ins' q/k norms), drawing nothing from ``generator``.
     """
     for _, m in _named_leaf_modules(module):
+        if isinstance(m, nn.RMSNorm):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            continue
         if isinstance(m, nn.GroupNorm | nn.LayerNorm):
             if m.weight is not None:  # (DiTs' LayerNorms have no affine parameters)
                 m.weight.fill_(1.0)

@@ -261,6 +261,41 @@ def comfy_state_dict(model: TinyFlux) -> dict[str, Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
+CHROMA_HIDDEN, CHROMA_APPROX, CHROMA_APPROX_IN, CHROMA_APPROX_LAYERS = 3072, 5120, 64, 5
+MODULATION = ("img_mod.", "txt_mod.", "modulation.", "time_in.", "vector_in.", "guidance_in.",
+              "adaLN_modulation.")
+
+
+def chroma_state_dict(model: TinyFlux, seed: int = 0) -> dict[str, Tensor]:
+    """A Chroma file from the Flux stand-in: the same double/single blocks without their
+    modulation layers, plus Chroma's ``distilled_guidance_layer`` (an MLP that computes every
+    block's modulation), which ComfyUI detects Chroma by and builds at fixed widths (in 64,
+    5 layers of 5120, out 3072: so ``model`` must be 3072 wide). No forward of ours runs it:
+    it exists for the ComfyUI tests that load, train and patch Chroma through the Flux entry."""
+    hidden = model.img_in.out_features
+    if hidden != CHROMA_HIDDEN:
+        raise ValueError(f"Chroma's modulations are {CHROMA_HIDDEN} wide: build the stand-in "
+                         f"with hidden={CHROMA_HIDDEN} (got {hidden})")
+    out = {k: v for k, v in comfy_state_dict(model).items()
+           if not any(part in k for part in MODULATION)}
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        bound = n_in ** -0.5
+        out[f"distilled_guidance_layer.{name}.weight"] = (
+            torch.rand(n_out, n_in, generator=g) * 2 - 1) * bound
+        out[f"distilled_guidance_layer.{name}.bias"] = (
+            torch.rand(n_out, generator=g) * 2 - 1) * bound
+
+    linear("in_proj", CHROMA_APPROX_IN, CHROMA_APPROX)
+    for i in range(CHROMA_APPROX_LAYERS):
+        linear(f"layers.{i}.in_layer", CHROMA_APPROX, CHROMA_APPROX)
+        linear(f"layers.{i}.out_layer", CHROMA_APPROX, CHROMA_APPROX)
+        out[f"distilled_guidance_layer.norms.{i}.scale"] = torch.ones(CHROMA_APPROX)
+    linear("out_proj", CHROMA_APPROX, hidden)
+    return out
+
+
 def diffusers_model(model: TinyFlux):
     """A ``FluxTransformer2DModel`` of the same shapes (its module names are what the diffusers
     key style maps to; weights are diffusers' own random init)."""

@@ -71,20 +71,31 @@ def use_scratch_folders(tmp: Path):
     folder_paths.set_temp_directory(str(tmp / "temp"))
 
 
-def weights(patcher) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights with the patcher's patches applied."""
+def weights(patcher, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights with the patcher's patches applied (only ``keys``, when
+    given: full-width stand-ins are too large to copy whole several times)."""
     patcher.patch_model()
     try:
         return {k: v.detach().to("cpu", copy=True) for k, v in
-                patcher.model.diffusion_model.state_dict().items()}
+                patcher.model.diffusion_model.state_dict().items() if keys is None or k in keys}
     finally:
         patcher.unpatch_model()
 
 
-def snapshot(patcher):
+def patched_keys(*patchers) -> set[str]:
+    """Diffusion-model keys any of these patchers patches: the only weights that can differ
+    between them and the unpatched model."""
+    prefix = "diffusion_model."
+    return {k.removeprefix(prefix) for p in patchers for k in p.patches if k.startswith(prefix)}
+
+
+def snapshot(patcher, copy: bool = True):
+    """Module identities, weights (copied, or the live tensors to compare against a copy)
+    and the number of patches of a MODEL."""
     dm = patcher.model.diffusion_model
     return ({n: id(m) for n, m in dm.named_modules()},
-            {k: v.detach().to("cpu", copy=True) for k, v in dm.state_dict().items()},
+            {k: v.detach().to("cpu", copy=True) if copy else v.detach()
+             for k, v in dm.state_dict().items()},
             len(patcher.patches))
 
 
@@ -141,20 +152,24 @@ def check_loss(mods, _args) -> dict:
                   ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=1.0, multiplier=1.0)),
               "sd3": (sched.FlowSchedule(3.0, 1000.0), comfy_ms(
                   ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=3.0))}
+    for name, (ours, theirs) in engine.items():
+        out["same"][name] = schedule_checks(ours, theirs)
+    return out
+
+
+def schedule_checks(ours, theirs) -> list[bool]:
+    """An engine schedule against ComfyUI's ``model_sampling``: sigma table, percent_to_sigma,
+    timestep, calculate_input / calculate_denoised, noise_scaling — each equal or not."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
-    for name, (ours, theirs) in engine.items():
-        sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
-        checks = [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
-                  all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
-                      for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
-                  torch.equal(ours.timestep(sig), theirs.timestep(sig)),
-                  torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
-                  torch.equal(ours.calculate_denoised(sig, y, x),
-                              theirs.calculate_denoised(sig, y, x)),
-                  torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
-        out["same"][name] = checks
-    return out
+    sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
+    return [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
+            all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
+                for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
+            torch.equal(ours.timestep(sig), theirs.timestep(sig)),
+            torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
+            torch.equal(ours.calculate_denoised(sig, y, x), theirs.calculate_denoised(sig, y, x)),
+            torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
 
 
 def check_sdxl(mods, args) -> dict:
@@ -335,8 +350,11 @@ def check_one_path(mods, args) -> dict:
 
 
 def _stitched_delta(lora, name: str) -> torch.Tensor:
-    """Delta W of module ``name`` from the LoRA's own tensors (split parts stacked by rows)."""
+    """Delta W of module ``name`` from the LoRA's own tensors (split parts stacked by rows);
+    a module exported at rank 0 (its update is exactly zero) has no tensors in the file."""
     rec = lora.lora2_modules()[name]
+    if rec["rank"] == 0:
+        return torch.zeros(rec["m"], rec["n"])
     keys = [k for k, _ in rec.get("split", [[rec["key"], None]])]
     return torch.cat([lora.modules[k].delta() for k in keys])
 
@@ -359,13 +377,14 @@ def check_family(mods, args) -> dict:
     model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name,
                                              args.get("weight_dtype", "default"))[0]
     base = model.model
-    res = {"config": type(base.model_config).__name__,
-           "family": getattr(bridge.model_family(base), "name", None), "styles": {}}
+    fam = bridge.model_family(base)
+    res = {"config": type(base.model_config).__name__, "family": getattr(fam, "name", None),
+           "styles": {}, "schedule_same": schedule_checks(fam.schedule(), base.model_sampling)}
     g = torch.Generator().manual_seed(0)
-    c, h, w = args["latent_shape"]
-    latents = {"samples": torch.randn(2, c, h, w, generator=g)}
+    latents = {"samples": torch.randn(2, *args["latent_shape"], generator=g)}
     extra = ({"pooled_output": torch.randn(1, args["pooled"], generator=g)} if args["pooled"]
              else {})
+    extra.update(args.get("cond_extra", {}))
     positive = [[torch.randn(1, 77, args["context"], generator=g), extra]]
     before = snapshot(model)
     during: set[str] = set()  # dtypes of the frozen Linear weights while training
@@ -377,27 +396,37 @@ def check_family(mods, args) -> dict:
         update(self, value, preview)
 
     bridge.Progress.update = spy
-    for style in args["styles"]:
+    common = {"model": model, "positive": positive, "preset": "spread", "steps": args["steps"],
+              "learning_rate": 1e-3, "r_target": 0.0, "seed": 0, "init_rank": 4, "nu_lr": 0.3}
+    for i, style in enumerate(args["styles"]):
         n_lines = len(log.lines)
-        lora = call(train.TrainAdaptiveLoRA, model=model, latents=latents, positive=positive,
-                    preset="spread", steps=args["steps"], learning_rate=1e-3, r_target=0.0,
-                    seed=0, init_rank=4, nu_lr=0.3, filename=f"lora2/{args['family']}_{style}",
-                    key_style=style, **args.get("train", {}))[0]
+        preview = args.get("preview_every", 0) if i == 0 else 0
+        out = call(train.TrainAdaptiveLoRA, latents=latents, preview_every=preview,
+                   filename=f"lora2/{args['family']}_{style}", key_style=style, **common,
+                   **args.get("train", {}))
+        lora = out[0]
+        if preview:
+            res["previews"] = list(out[2].shape)
         name = f"lora2/{args['family']}_{style}.safetensors"
         ours = call(apply.ApplyAdaptiveLoRA, model=model, strength_model=0.8,
                     adaptive_lora=lora)[0]
         node = comfy_nodes.LoraLoaderModelOnly()
         stock = getattr(node, node.FUNCTION)(model, name, 0.8)[0]
-        w_base, w_ours, w_stock = weights(model), weights(ours), weights(stock)
+        keys = patched_keys(ours, stock)  # every other weight is the base one in both
+        w_base, w_ours, w_stock = (weights(p, keys) for p in (model, ours, stock))
         records = lora.lora.lora2_modules()
-        formula = []
+        formula, live = [], 0
         for mod in records:  # fp8 weights are re-quantised after patching: no exact formula
-            key = mod + ".weight"
-            if w_base[key].dtype == torch.float32:
-                want = w_base[key] + 0.8 * _stitched_delta(lora.lora, mod)
+            key, delta = mod + ".weight", _stitched_delta(lora.lora, mod)
+            nonzero = bool(delta.abs().max() > 0)  # a module no loss reaches keeps B = 0
+            live += nonzero
+            if key not in keys:  # patched by neither: right only if its update is zero
+                formula.append(not nonzero)
+            elif w_base[key].dtype == torch.float32:
+                want = w_base[key] + 0.8 * delta
                 formula.append(bool(torch.allclose(w_stock[key], want, atol=1e-5)))
         res["styles"][style] = {
-            "modules": len(records), "file_keys": len(lora.lora.modules),
+            "modules": len(records), "file_keys": len(lora.lora.modules), "live": live,
             "equal_stock": all(torch.equal(w_ours[k], w_stock[k]) for k in w_stock),
             "changed": sum(not torch.equal(w_base[k], w_stock[k]) for k in w_base),
             "formula": formula, "not_loaded": log.lines[n_lines:],
@@ -407,13 +436,48 @@ def check_family(mods, args) -> dict:
             "mixed_precision": json.loads(lora.lora.metadata["lora2.train_config"])[
                 "mixed_precision"]}
     bridge.Progress.update = update
+    if args.get("checkpointing_check"):  # ComfyUI's own blocks (in place or not) under
+        runs = [call(train.TrainAdaptiveLoRA, latents=latents, gradient_checkpointing=c,
+                     filename=f"lora2/ckpt_{c}", **{**common, "steps": 2})[0].lora.modules
+                for c in ("off", "on")]  # checkpointing: the same adapter as without
+        res["checkpointing_same"] = runs[0].keys() == runs[1].keys() and all(
+            torch.allclose(w.up, runs[1][k].up, atol=1e-6, rtol=1e-5)
+            and torch.allclose(w.down, runs[1][k].down, atol=1e-6, rtol=1e-5)
+            for k, w in runs[0].items())
+    if latents["samples"].ndim == 5:  # a video model also takes an image latent: one frame
+        image = {"samples": latents["samples"][:, :, 0]}
+        out = call(train.TrainAdaptiveLoRA, latents=image, filename="lora2/image_latent",
+                   **{**common, "steps": 1})
+        res["image_latent_loss"] = [h["loss"] for h in out[0].history]
     res["weight_dtypes_during_training"] = sorted(during)
-    res["model_unchanged"] = same(before, snapshot(model))
+    res["model_unchanged"] = same(before, snapshot(model, copy=False))
     return res
 
 
+def check_chroma_refused(mods, args) -> dict:
+    """TrainAdaptiveLoRA on a model whose blocks cannot be trained: the node's error."""
+    comfy_nodes = importlib.import_module("nodes")
+    import folder_paths
+
+    use_scratch_folders(Path(args["tmp"]))
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(args["file"]).parent),
+                                       is_default=True)
+    loader = comfy_nodes.UNETLoader()
+    model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name, "default")[0]
+    latents = {"samples": torch.zeros(1, 16, 8, 8)}
+    positive = [[torch.zeros(1, 77, 4096), {"pooled_output": None}]]
+    try:
+        call(mods["nodes.train"].TrainAdaptiveLoRA, model=model, latents=latents,
+             positive=positive, preset="spread", steps=1, learning_rate=1e-3, r_target=0.0,
+             seed=0, init_rank=4, nu_lr=0.3, filename="lora2/refused")
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15,
-          "one_path": check_one_path, "family": check_family}
+          "one_path": check_one_path, "family": check_family,
+          "chroma_refused": check_chroma_refused}
 
 if __name__ == "__main__":
     check, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
