@@ -19,17 +19,23 @@ def test_padded_file_gives_same_delta(attn_net, tmp_path, style):
     for prefix in prefixes:
         assert b[f"{prefix}.lora_down.weight"].shape[0] == 16
         assert torch.allclose(_plain_delta(b, prefix), _plain_delta(a, prefix), atol=1e-6)
-        assert torch.count_nonzero(b[f"{prefix}.lora_down.weight"][a[f"{prefix}.alpha"].int():]
-                                   ) == 0
+        rank = a[f"{prefix}.lora_down.weight"].shape[0]
+        assert torch.count_nonzero(b[f"{prefix}.lora_down.weight"][rank:]) == 0
+        assert float(b[f"{prefix}.alpha"]) == 1.0  # still one alpha for the whole file
 
 
-def test_pad_without_alpha_rescale_would_weaken(attn_net, tmp_path):
-    """The reason alpha must change: same tensors, old alpha → scaled down by r/R."""
+@pytest.mark.parametrize("style,alpha", [("kohya", "1"), ("diffusers", "14")])
+def test_pad_keeps_one_alpha_and_true_metadata(attn_net, tmp_path, style, alpha):
+    """Padding keeps every module's alpha equal (diffusers' converter needs that) and the
+    kohya metadata true: ss_network_dim is the new rank, ss_network_alpha the one alpha."""
     ad = _trained(attn_net)
-    lora = read_lora(export_adapters(ad, tmp_path / "a.safetensors"))
-    padded = pad_lora(lora, 14)
+    lora = read_lora(export_adapters(ad, tmp_path / "a.safetensors", ExportConfig(key_style=style)))
+    padded = read_lora(write_lora(pad_lora(lora, 14), tmp_path / "p.safetensors"))
+    assert {w.alpha for w in padded.modules.values()} == {float(alpha)}
+    assert padded.metadata["ss_network_dim"] == "14"
+    assert padded.metadata["ss_network_alpha"] == alpha
     for key, w in padded.modules.items():
-        assert w.alpha == lora.modules[key].alpha * 14 / lora.modules[key].rank
+        assert torch.allclose(w.delta(), lora.modules[key].delta(), atol=1e-6), key
 
 
 def test_pad_below_largest_rank_is_refused(attn_net, tmp_path):

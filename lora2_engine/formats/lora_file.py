@@ -1,7 +1,11 @@
 """LoRA files: export adapters with Lambda folded, read kohya / ComfyUI / diffusers files.
 
-Every module gets ``alpha = D_l`` so stock loaders (scale ``alpha / rank``) apply scale 1 with
-a different rank per module; diffusers/PEFT get ``rank_pattern``/``alpha_pattern`` metadata.
+One file that every loader scales right (README, "One file, every loader"): in kohya and
+ComfyUI-style files every module carries the same alpha (:data:`FILE_ALPHA`) and its factors
+are pre-scaled so ``up @ down * alpha / rank`` is the trained update. A single alpha is what
+diffusers' kohya converter handles (it keeps only the most common of differing alphas).
+diffusers-style files hold no alpha keys: scale 1 (alpha = rank), with PEFT's
+``rank_pattern``/``alpha_pattern`` in the metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .io import (
     parse_json_metadata,
     tensors_bytes,
 )
-from .keys import OTHER, UNetLayout, file_key
+from .keys import KNOWN_LAYOUTS, OTHER, UNetLayout, file_key
 
 FORMAT_VERSION = "1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,6 +36,7 @@ _SUFFIXES = {  # file suffix → (style family, role)
     ".lora.down.weight": ("diffusers", "down"), ".lora.up.weight": ("diffusers", "up"),
     ".alpha": (None, "alpha"),
 }
+FILE_ALPHA = 1.0  # the one alpha of every module in the kohya/ComfyUI-style files we write
 _BASE_VERSIONS = {"sd15": ("sd_v1", "stable-diffusion-v1/lora"),
                   "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
 
@@ -56,6 +61,43 @@ class ModuleWeights:
         """``Delta W`` (m, n) as ComfyUI, kohya and A1111 compute it."""
         up, down = self.up.flatten(1).float(), self.down.flatten(1).float()
         return up @ down * self.scale
+
+    def with_alpha(self, alpha: float, dtype: torch.dtype | None = None) -> ModuleWeights:
+        """The same ``Delta W`` stored with ``alpha``: both factors scaled by
+        ``sqrt(scale * rank / alpha)`` (an even split keeps fp16/bf16 in range)."""
+        dtype = dtype or self.down.dtype
+        gain = self.scale * self.rank / alpha
+        if gain == 1.0:
+            return ModuleWeights(self.down.to(dtype), self.up.to(dtype), float(alpha))
+        root = math.sqrt(abs(gain))
+        up = self.up.float() * (root if gain > 0 else -root)  # a negative scale goes to up
+        return ModuleWeights((self.down.float() * root).to(dtype), up.to(dtype), float(alpha))
+
+
+def file_alpha(style: str, rank: int) -> float:
+    """The alpha a module is written with: :data:`FILE_ALPHA` for every module of a kohya or
+    ComfyUI file; ``rank`` (scale 1, PEFT's default) for diffusers files, which hold no alpha
+    keys (ComfyUI and A1111 then apply scale 1; diffusers and PEFT read the metadata)."""
+    return float(rank) if style == "diffusers" else FILE_ALPHA
+
+
+def network_metadata(modules: dict[str, ModuleWeights]) -> dict[str, str | None]:
+    """kohya's ``ss_network_dim``/``ss_network_alpha`` as tools read them: the largest rank
+    and the file's one alpha (``None``, i.e. removed, when the alphas differ: no single
+    number would be true)."""
+    alphas = {w.alpha if w.alpha is not None else float(w.rank) for w in modules.values()}
+    return {"ss_network_dim": str(max(w.rank for w in modules.values())),
+            "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else None}
+
+
+def set_metadata(meta: dict[str, str], values: dict[str, str | None]) -> dict[str, str]:
+    """``meta`` updated in place with ``values``; a ``None`` removes the key."""
+    for key, value in values.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    return meta
 
 
 @dataclass
@@ -307,8 +349,9 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
                      extra_metadata: dict[str, str] | None = None) -> LoraFile:
     """Trained adapters as an in-memory LoRA file with Lambda folded (method.md §4).
 
-    ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)``, ``alpha = D``: every stock loader then
-    computes exactly ``B Lambda A`` for every module, whatever its rank.
+    ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)`` at scale 1, then stored with the style's
+    :func:`file_alpha`: every loader computes exactly ``B Lambda A`` for every module,
+    whatever its rank.
     """
     from ..config import ExportConfig, to_dict
 
@@ -324,13 +367,15 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
             if layer.is_conv:
                 a, b = a[:, :, None, None], b[:, :, None, None]
             key = file_key(name, export.key_style, layout)
-            modules[key] = ModuleWeights(a.to(dtype), b.to(dtype), float(layer.rank))
+            modules[key] = ModuleWeights(a, b, float(layer.rank)).with_alpha(
+                file_alpha(export.key_style, layer.rank), dtype)
             rec = {"key": key, "rank": layer.rank, "m": layer.m, "n": layer.n}
             if hasattr(layer, "nu_param"):
                 rec["nu"] = float(layer.nu)
             record[name] = rec
     meta = _metadata(adapters, record, layout, train_config, steps, export)
     meta["lora2.export_config"] = json.dumps(to_dict(export))
+    set_metadata(meta, network_metadata(modules))
     meta.update(extra_metadata or {})
     return LoraFile(modules, export.key_style, meta)
 
@@ -347,12 +392,10 @@ def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str
         "lora2.modules": json.dumps(record),
         "lora2.adaptive": json.dumps(adapters.adaptive),
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(ranks)),
-        "ss_network_alpha": str(max(ranks)),
         "ss_network_args": json.dumps({"algo": "lora2", "rank": "per-module",
                                        "min_rank": min(ranks), "max_rank": max(ranks)}),
         "ss_training_comment": "LoRA2 adaptive-rank LoRA (arXiv 2603.21884): rank per module, "
-                               "alpha = rank (scale 1)",
+                               "one alpha (factors scaled)",
     }
     if adapters.config is not None:
         meta["lora2.adapter_config"] = json.dumps(to_dict(adapters.config))
@@ -364,7 +407,13 @@ def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str
         meta["lora2.steps"] = str(steps)
         meta["ss_steps"] = str(steps)
         meta["ss_max_train_steps"] = str(steps)
-    if layout.family in _BASE_VERSIONS:
+    if layout.family in _BASE_VERSIONS and layout != KNOWN_LAYOUTS[layout.family]:
+        # e.g. the tiny stand-ins: SDXL key names, but not SDXL's blocks: claim no base model
+        meta["lora2.base_model"] = (
+            f"not the {FAMILY_NAMES[layout.family]} base model: a {FAMILY_NAMES[layout.family]}"
+            f"-family UNet with {list(layout.num_res_blocks)} res blocks per level (e.g. a "
+            "tiny test stand-in); use it only with the model it was trained on")
+    elif layout.family in _BASE_VERSIONS:
         ver, arch = _BASE_VERSIONS[layout.family]
         meta["ss_base_model_version"] = ver
         meta["modelspec.architecture"] = arch

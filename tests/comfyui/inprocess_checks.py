@@ -267,7 +267,42 @@ def check_sd15(mods, args) -> dict:
     return res
 
 
-CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15}
+def check_loader_matrix(mods, args) -> dict:
+    """The ComfyUI column of tests/loader_matrix.py: each convention's file (a mixed-rank
+    LoRA on the tiny SD1.5 UNet) through stock LoraLoaderModelOnly, against B Lambda A."""
+    import comfy.sd
+    import folder_paths
+
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's, before the repo is on the path
+    sys.path.append(str(REPO))  # for lora2_engine (ComfyUI has its own "tests" package)
+    spec = importlib.util.spec_from_file_location("lora2_loader_matrix",
+                                                  REPO / "tests" / "loader_matrix.py")
+    lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm)
+
+    tiny = mods["lora2_engine.models.tiny"]
+    tmp = Path(args["tmp"])
+    use_scratch_folders(tmp)
+    with torch.inference_mode(False):
+        unet = tiny.build_unet("sd15", seed=1)
+        model = comfy.sd.load_diffusion_model_state_dict(tiny.comfy_state_dict(unet))
+        ad = lm.mixed_adapters(unet)
+        want = lm.truth(ad)
+        files = lm.write_conventions(ad, lm.layout_of(unet), Path(folder_paths.get_folder_paths(
+            "loras")[0]) / "matrix")
+        ad.detach()
+    base = weights(model)
+    out = {}
+    for conv, path in files.items():
+        node = comfy_nodes.LoraLoaderModelOnly()
+        patched = weights(getattr(node, node.FUNCTION)(model, f"matrix/{path.name}", 1.0)[0])
+        loaded = {n: (patched[n + ".weight"] - base[n + ".weight"]).flatten(1) for n in want}
+        out[conv] = lm.compare(loaded, want)
+    return out
+
+
+CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15,
+          "loader_matrix": check_loader_matrix}
 
 if __name__ == "__main__":
     check, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
