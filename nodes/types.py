@@ -12,7 +12,21 @@ SUBJECT = io.Custom("SUBJECT")  # carries a core.Subject
 NONE = "(none)"
 
 __all__ = ["ADAPTIVE_LORA", "CATEGORY", "NONE", "SUBJECT", "AdaptiveLora", "Subject",
-           "lora_choice", "show"]
+           "advanced", "lora_choice", "show"]
+LORA_OUT_TIP = ("the LoRA in memory (its ranks, file and training history): link it to Apply, "
+                "Rank Report, Expand for Merge or Compress")
+
+
+def advanced() -> dict:
+    """Keywords that mark an input as advanced: hidden behind the node's "show advanced
+    inputs" in frontends that have it. ComfyUI versions whose V3 inputs take ``advanced``
+    (0.28.0 does) get the keyword; older ones (0.3.54) get the same flag in the input's
+    options, which their frontend ignores (the input is then simply shown)."""
+    import inspect
+
+    if "advanced" in inspect.signature(io.Input.__init__).parameters:
+        return {"advanced": True}
+    return {"extra_dict": {"advanced": True}}
 
 
 def lora_choice(optional: bool = True):
@@ -23,6 +37,13 @@ def lora_choice(optional: bool = True):
                           optional=optional,
                           tooltip="a LoRA file from models/loras, used when no adaptive_lora "
                                   "is linked")
+
+
+def lora_input():
+    """The ADAPTIVE_LORA input every LoRA-reading node has (or choose a file instead)."""
+    return ADAPTIVE_LORA.Input("adaptive_lora", optional=True,
+                               tooltip="a LoRA from Train / Compress / Merge; when linked, "
+                                       "lora_name is ignored")
 
 
 def show(cls, text: str, images=None) -> dict:

@@ -172,3 +172,18 @@ def test_in_memory_lora_equals_the_written_file(attn_net, tmp_path, style):
         assert w.down.dtype == torch.float16
         assert torch.equal(w.down, disk.modules[k].down) and torch.equal(w.up, disk.modules[k].up)
         assert w.alpha == disk.modules[k].alpha == (1.0 if style == "kohya" else w.rank)
+
+
+@pytest.mark.parametrize("layout,base", [
+    (SDXL, "sdxl_base_v1-0"),
+    (UNetLayout("sdxl", (1, 1, 1), has_middle=False), None),  # the tiny SDXL stand-in
+    (UNetLayout("sd15", (1,)), None),  # the tiny SD1.5 stand-in
+])
+def test_only_a_base_layout_claims_the_base_model(attn_net, tmp_path, layout, base):
+    lora = read_lora(export_adapters(_trained(attn_net), tmp_path / "a.safetensors",
+                                     layout=layout))
+    assert lora.metadata.get("ss_base_model_version") == base
+    assert ("modelspec.architecture" in lora.metadata) == (base is not None)
+    if base is None:
+        assert lora.metadata["lora2.base_model"].startswith("not the ")
+    assert lora.family() == layout.family  # still refused on another family
