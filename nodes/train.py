@@ -18,7 +18,15 @@ from ..lora2_engine.formats.io import check_can_create, resolve_inside
 from ..lora2_engine.report import loss_figure
 from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 from . import bridge, core
-from .types import ADAPTIVE_LORA, CATEGORY, LORA_OUT_TIP, SUBJECT, advanced, show
+from .types import (
+    ADAPTIVE_LORA,
+    CATEGORY,
+    LORA_OUT_TIP,
+    SUBJECT,
+    advanced,
+    show,
+    with_options,
+)
 
 PREVIEW_STEPS = 20
 STATE = ".state.safetensors"  # resumable training state, in output/lora2_checkpoints
@@ -46,9 +54,9 @@ def preset_values() -> dict[str, dict[str, float]]:
 
 
 def _inputs() -> list:
-    F, I, adv = io.Float.Input, io.Int.Input, advanced  # noqa: E741
+    F, I = io.Float.Input, io.Int.Input  # noqa: E741
     pv = preset_values()[DEFAULT_PRESET]
-    return [
+    basic = [
         io.Model.Input("model", tooltip="the model to train on; it is never changed (the "
                                         "adapters live only in the output LoRA)"),
         io.Clip.Input("clip", optional=True, tooltip="encodes the subject's captions"),
@@ -58,11 +66,11 @@ def _inputs() -> list:
                         tooltip="instead of a subject: already-encoded latents"),
         io.Conditioning.Input("positive", optional=True,
                               tooltip="with latents: one conditioning, or one per latent"),
-        io.Combo.Input("preset", options=sorted(PRESETS), default=DEFAULT_PRESET,
-                       tooltip="spread: ranks differ a lot (default); paper: the paper's SDXL "
-                               "settings. Choosing one sets learning_rate and the advanced "
-                               "rank settings to its values",
-                       extra_dict={"lora2_presets": preset_values()}),
+        with_options(io.Combo.Input(
+            "preset", options=sorted(PRESETS), default=DEFAULT_PRESET,
+            tooltip="spread: ranks differ a lot (default); paper: the paper's SDXL settings. "
+                    "Choosing one sets learning_rate and the advanced rank settings to its "
+                    "values"), lora2_presets=preset_values()),
         I("steps", default=500, min=1, max=100000,
           tooltip="optimizer steps: 500-1500 for a subject on a GPU; the shipped CPU demo "
                   "workflow uses 20 with a tiny model"),
@@ -77,46 +85,46 @@ def _inputs() -> list:
                                 "overwritten: _2, _3... are added); empty = keep in memory"),
         I("preview_every", default=0, min=0, max=100000, optional=True,
           tooltip="sample a preview every N steps (0 = off; each costs 20 model calls)"),
+    ]
+    rare = [  # collapsed under "show advanced inputs" where the frontend has it
         F("r_target", default=pv["r_target"], min=0.5, max=4096.0, step=0.5, optional=True,
-          tooltip="the rank the regulariser pulls every component toward (set by the preset)",
-          **adv()),
+          tooltip="the rank the regulariser pulls every component toward (set by the "
+                  "preset)"),
         I("init_rank", default=pv["init_rank"], min=1, max=4096, optional=True,
-          tooltip="every component's rank at step 0 (set by the preset)", **adv()),
+          tooltip="every component's rank at step 0 (set by the preset)"),
         I("r_max", default=pv["r_max"], min=1, max=4096, optional=True,
-          tooltip="the largest rank a component may grow to (set by the preset)", **adv()),
+          tooltip="the largest rank a component may grow to (set by the preset)"),
         F("lambda_r", default=pv["lambda_r"], min=0.0, max=1000.0, step=0.00001,
           round=0.0000001, optional=True,
           tooltip="weight of the rank regulariser: higher = smaller ranks and files (set by "
-                  "the preset)", **adv()),
+                  "the preset)"),
         F("lambda_e", default=pv["lambda_e"], min=0.0, max=1000.0, step=0.00001,
           round=0.0000001, optional=True,
-          tooltip="weight of the cross-attention entropy term (set by the preset)", **adv()),
+          tooltip="weight of the cross-attention entropy term (set by the preset)"),
         F("nu_lr", default=pv["nu_lr"], min=1e-7, max=1.0, step=0.0001, round=0.0000001,
-          optional=True, tooltip="learning rate of the rank parameters nu (set by the preset)",
-          **adv()),
+          optional=True, tooltip="learning rate of the rank parameters nu (set by the preset)"),
         I("batch_size", default=1, min=1, max=64, optional=True,
-          tooltip="images per step (>1 needs images of one size: crop mode)", **adv()),
+          tooltip="images per step (>1 needs images of one size: crop mode)"),
         I("grad_accum", default=1, min=1, max=256, optional=True,
           tooltip="steps whose gradients add up before one update: a larger batch without "
-                  "its memory", **adv()),
+                  "its memory"),
         io.String.Input("targets", default=TARGETS, optional=True,
-                        tooltip="comma-separated module name suffixes to adapt", **adv()),
+                        tooltip="comma-separated module name suffixes to adapt"),
         io.Combo.Input("key_style", options=COMFY_KEY_STYLES, default="kohya", optional=True,
                        tooltip="kohya: loads in ComfyUI, A1111/Forge, kohya, diffusers; comfy: "
-                               "ComfyUI's own names", **adv()),
+                               "ComfyUI's own names"),
         io.Combo.Input("save_dtype", options=["float32", "float16", "bfloat16"],
                        default="float32", optional=True,
-                       tooltip="number format of the saved file: float16 halves its size",
-                       **adv()),
+                       tooltip="number format of the saved file: float16 halves its size"),
         io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                          tooltip="recompute activations during the backward pass: less "
-                                 "memory, slower steps", **adv()),
+                                 "memory, slower steps"),
         I("checkpoint_every", default=0, min=0, max=100000, optional=True,
-          tooltip="save a resumable state every N steps (0 = only on cancel)", **adv()),
+          tooltip="save a resumable state every N steps (0 = only on cancel)"),
         io.String.Input("resume", default="", optional=True,
-                        tooltip="a .state.safetensors in output/lora2_checkpoints to continue",
-                        **adv()),
+                        tooltip="a .state.safetensors in output/lora2_checkpoints to continue"),
     ]
+    return basic + [advanced(i) for i in rare]
 
 
 class TrainAdaptiveLoRA(io.ComfyNode):

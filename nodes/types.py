@@ -17,16 +17,22 @@ LORA_OUT_TIP = ("the LoRA in memory (its ranks, file and training history): link
                 "Rank Report, Expand for Merge or Compress")
 
 
-def advanced() -> dict:
-    """Keywords that mark an input as advanced: hidden behind the node's "show advanced
-    inputs" in frontends that have it. ComfyUI versions whose V3 inputs take ``advanced``
-    (0.28.0 does) get the keyword; older ones (0.3.54) get the same flag in the input's
-    options, which their frontend ignores (the input is then simply shown)."""
-    import inspect
+def advanced(inp):
+    """``inp`` marked as advanced: hidden behind the node's "show advanced inputs" in
+    frontends that have it. ComfyUI versions whose V3 inputs know ``advanced`` (0.28.0) get it
+    set; older ones (0.3.54) get the same flag in the input's options, which their frontend
+    ignores (the input is then simply shown)."""
+    if hasattr(inp, "advanced"):
+        inp.advanced = True
+    else:
+        inp.extra_dict["advanced"] = True
+    return inp
 
-    if "advanced" in inspect.signature(io.Input.__init__).parameters:
-        return {"advanced": True}
-    return {"extra_dict": {"advanced": True}}
+
+def with_options(inp, **options):
+    """``inp`` with extra entries in its options (what /object_info sends the frontend)."""
+    inp.extra_dict.update(options)
+    return inp
 
 
 def lora_choice(optional: bool = True):

@@ -195,7 +195,7 @@ def check_sd15(mods, args) -> dict:
         args["checkpoint"], output_vae=True, output_clip=True)[:3]
     subject = core.subject_from_folder(args["subject"], "a photo of sks dog", 64, "crop")
     common = dict(model=model, clip=clip, vae=vae, subject=subject, preset="spread",
-                  learning_rate=1e-3, r_target=0.0, seed=0, init_rank=4)
+                  learning_rate=1e-3, seed=0, init_rank=4)
     res = {}
     before = snapshot(model)
     lora, curve, previews = call(train.TrainAdaptiveLoRA, steps=3, filename="lora2/inproc",
