@@ -247,19 +247,20 @@ def loss_figure(history: list[dict], title: str = "training loss"):
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], lw=0.8, alpha=0.5, label="loss")
+    task = [h.get("task", h["loss"]) for h in history]  # what the CLI prints, without the
+    ax.plot(steps, task, lw=0.8, alpha=0.5, label="task loss")  # regulariser terms
     if len(history) >= 5:
         k = max(len(history) // 20, 2)
         ema, sm = None, []
-        for h in history:
-            ema = h["loss"] if ema is None else ema + (h["loss"] - ema) / k
+        for v in task:
+            ema = v if ema is None else ema + (v - ema) / k
             sm.append(ema)
         ax.plot(steps, sm, lw=1.5, label="smoothed")
     ax2 = ax.twinx()
     ax2.plot(steps, [h.get("mean_rank", 0) for h in history], color="C3", lw=1, label="mean rank")
     ax2.set_ylabel("mean rank", color="C3")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("task loss (MSE)")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
