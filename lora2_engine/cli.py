@@ -136,6 +136,7 @@ def cmd_demo(args) -> int:
 def _planted(args, out_dir: Path) -> int:
     """The demo's second part: ranks planted in a teacher UNet, and the ranks LoRA² learns."""
     from .demo import STEPS, run_planted
+    from .trainer import TrainingInterrupted
 
     _say("\nplanted ranks: a teacher copy of the UNet has low-rank updates of known rank on 16 "
          "attention projections (0 on 16 more); LoRA² learns them", sys.stdout)
@@ -144,6 +145,10 @@ def _planted(args, out_dir: Path) -> int:
     try:
         run = run_planted(out_dir, f"{args.name}_planted", seed=args.seed,
                           overwrite=args.overwrite, on_step=on_step, preset_name=args.preset)
+    except TrainingInterrupted as exc:  # nothing of this part written; the photo run's is
+        bar.close()
+        _say(f"\nplanted part cancelled ({exc}); the photo run's files are complete")
+        return 128 + (exc.signal or 2)
     finally:
         bar.close()
     print(f"done in {time.perf_counter() - t0:.1f} s: Spearman(planted, learned rank) "
