@@ -8,9 +8,9 @@ Two synthetic tasks with a *known* per-layer answer, trained through the engine'
             of known rank (0..48) to each; loss = output MSE on fresh Gaussian inputs.
 ``unet``    the tiny SDXL-shaped UNet (``models.tiny.build_unet("sdxl")``); a teacher copy gets
             planted low-rank ``Delta W*`` on chosen attention projections (ranks 0..32); the
-            student trains with the diffusion path the nodes use (``Schedule.sample`` noise and
-            timesteps, ``ldm_predict``, cross-attention entropy) and regresses onto the
-            teacher's noise prediction at the same ``x_t, t, cond``.
+            student trains at the noise levels of the training loss (``noised_input``: sigma
+            uniform in the schedule, as ``schedule.denoising_loss``) with cross-attention
+            entropy, and regresses onto the teacher's noise prediction at the same input.
 
 Every run exports its adapter with ``export_adapters``; its size is read from the file on disk.
 Each run prints bytes, held-out loss, Spearman(learned rank, true rank) and wall time; the
@@ -24,7 +24,6 @@ vs true rank) to ``bench/results/rank_recovery_<task>.png``.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -39,16 +38,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lora2_engine import AdapterConfig, TrainConfig, attach, preset  # noqa: E402
+from lora2_engine import AdapterConfig, ExportConfig, TrainConfig, attach, preset  # noqa: E402
 from lora2_engine.formats import export_adapters, read_lora  # noqa: E402
-from lora2_engine.objective import EntropyCapture, mse_target  # noqa: E402
-from lora2_engine.trainer import Callbacks, Trainer  # noqa: E402
+from lora2_engine.trainer import Trainer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from recovery_tasks import (  # noqa: E402, F401  (re-exported: the tests use rr.LayersTask)
+    LAYER_TASKS,
+    LayersTask,
+    Task,
+    UNetTask,
+    make_task,
+)
 
 RESULTS = ROOT / "bench" / "results"
 FIXED_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -104,16 +110,10 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
 
 
-def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """A ``rows x cols`` matrix with orthonormal columns (``cols <= rows``)."""
-    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
 # -- run specifications ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSpec:
-    """One row of the table: a fixed-rank LoRA or a LoRA² preset/init with overrides."""
+    """One row of the table: fixed-rank LoRA, a LoRA² preset with overrides, or AdaLoRA."""
 
     name: str
     fixed_rank: int | None = None
@@ -121,12 +121,15 @@ class RunSpec:
     init: str = "kaiming"
     overrides: tuple[tuple[str, Any], ...] = ()
     default: bool = False
-    nu_warmup: int = 0  # a proposal, not an engine option: nu's lr is 0 for these steps
     lr: float | None = None  # this run's base learning rate, if not the task's
-
+    export_tol: float | None = None  # LoRA²: ExportConfig.rank_tol (None: the engine default)
+    slot_init: str = "random"  # fixed rank: "gradient" is the LoRA-GA-like variant
+    adalora_target: float | None = None  # AdaLoRA: mean final rank (its target_r)
 
     @property
     def kind(self) -> str:
+        if self.adalora_target is not None:
+            return "adalora"
         return "fixed" if self.fixed_rank is not None else "lora2"
 
 
@@ -141,120 +144,19 @@ class RunResult:
     params: int
     loss: float
     spearman: float
-    learned: list[int]
+    learned: list[int]  # rank per component in the exported file (0: module omitted)
     true: list[int]
     wall_s: float
     default: bool = False
     config: dict[str, Any] = field(default_factory=dict)
-
-
-# -- the tasks ---------------------------------------------------------------------------------
-class Task:
-    """A model with frozen weights, a planted target, a loss and a held-out evaluation."""
-
-    name: str
-    targets: tuple[str, ...]  # module names the adapters attach to (the components)
-    true_ranks: list[int]  # planted rank per component, in ``targets`` order
-    steps: int
-    lr: float
-    batch_size: int
-    scale: dict[str, dict[str, Any]]  # per preset: what this task changes, documented
-
-    def model(self) -> nn.Module:
-        raise NotImplementedError
-
-    def make_loss(self, model: nn.Module) -> Callable[[dict, torch.Generator], torch.Tensor]:
-        raise NotImplementedError
-
-    def dataset(self) -> list[dict]:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def held_out(self, model: nn.Module) -> float:
-        raise NotImplementedError
-
-    def entropy(self, model: nn.Module) -> EntropyCapture | None:
-        return None
-
-
-class ParallelLinears(nn.Module):
-    """``n`` independent frozen ``Linear(dim, dim)`` layers ``l00..``; input (B, n, dim)."""
-
-    def __init__(self, n: int, dim: int, gen: torch.Generator) -> None:
-        super().__init__()
-        self.layers = nn.ModuleDict()
-        for i in range(n):
-            lin = nn.Linear(dim, dim, bias=False)
-            with torch.no_grad():
-                lin.weight.copy_(torch.randn(dim, dim, generator=gen) / math.sqrt(dim))
-            self.layers[f"l{i:02d}"] = lin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([lin(x[:, i]) for i, lin in enumerate(self.layers.values())], 1)
-
-
-LAYER_RANKS = (0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 36, 40, 44, 48)
-
-
-class LayersTask(Task):
-    """24 frozen random 96x96 layers; the target is ``(W + Delta W*) x`` with rank ``k_l``."""
-
-    name = "layers"
-
-    def __init__(self, seed: int, steps: int = 1000, lr: float = 2e-3, batch_size: int = 64,
-                 dim: int = 96, ranks: Sequence[int] = LAYER_RANKS, sigma: float = 1.0) -> None:
-        self.seed, self.steps, self.lr, self.batch_size = seed, steps, lr, batch_size
-        self.dim, self.sigma = dim, sigma
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        perm = torch.randperm(len(ranks), generator=gen).tolist()  # ranks not in name order
-        self.true_ranks = [int(ranks[p]) for p in perm]
-        self.targets = tuple(f"layers.l{i:02d}" for i in range(len(ranks)))
-        self._base = ParallelLinears(len(ranks), dim, gen)
-        self.weights = [lin.weight.detach().clone() for lin in self._base.layers.values()]
-        self.deltas = []
-        for k in self.true_ranks:  # Delta W* = sigma U V^T, flat spectrum: rank k exactly
-            if k == 0:
-                self.deltas.append(torch.zeros(dim, dim))
-            else:
-                self.deltas.append(sigma * orthonormal(dim, k, gen) @ orthonormal(dim, k, gen).T)
-        eg = torch.Generator().manual_seed(20_000 + seed)
-        self.x_eval = torch.randn(4096, len(ranks), dim, generator=eg)
-        self.y_eval = self.teacher(self.x_eval)
-        self.scale = {
-            "spread": {"r_max": 64},
-            "paper": {"r_max": 64, "r_target": 8, "init_rank": 8},
-        }
-
-    def model(self) -> nn.Module:
-        return copy.deepcopy(self._base)
-
-    @torch.no_grad()
-    def teacher(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x[:, i] @ (w + d).T for i, (w, d) in
-                            enumerate(zip(self.weights, self.deltas))], 1)
-
-    def dataset(self) -> list[dict]:
-        return [{"i": torch.tensor(0)}]  # inputs are drawn fresh in the loss
-
-    def make_loss(self, model: nn.Module) -> Callable[[dict, torch.Generator], torch.Tensor]:
-        n, dim, bs = len(self.targets), self.dim, self.batch_size
-
-        def loss(batch: dict, gen: torch.Generator) -> torch.Tensor:
-            x = torch.randn(bs, n, dim, generator=gen)
-            return mse_target(model(x), self.teacher(x))
-
-        return loss
-
-    @torch.no_grad()
-    def held_out(self, model: nn.Module) -> float:
-        return float(mse_target(model(self.x_eval), self.y_eval))
+    trained: list[int] = field(default_factory=list)  # LoRA²: the training rank D per component
 
 
 # -- running -----------------------------------------------------------------------------------
 def configs_for(task: Task, spec: RunSpec) -> tuple[AdapterConfig, TrainConfig]:
     """The configs of one run: fixed-rank runs share the task's optimizer settings."""
     base = {"steps": task.steps, "lr": spec.lr or task.lr,
-            "batch_size": task.batch_size if task.name == "unet" else 1}
+            "batch_size": task.batch_size if len(task.dataset()) > 1 else 1}
     if spec.fixed_rank is not None:
         return (AdapterConfig(targets=task.targets, r_max=max(64, spec.fixed_rank)),
                 TrainConfig(**base, lambda_r=0.0, lambda_e=0.0))
@@ -265,236 +167,100 @@ def configs_for(task: Task, spec: RunSpec) -> tuple[AdapterConfig, TrainConfig]:
     return preset(spec.preset, **kw)
 
 
+def file_key_of(name: str) -> str:
+    """The key prefix a component gets in the exported (kohya-style) file."""
+    from lora2_engine.formats.keys import OTHER, file_key
+
+    return file_key(name, "kohya", OTHER)
+
+
+@torch.no_grad()
+def held_out_from_file(task: Task, lora) -> float:
+    """The task's held-out loss of its frozen model with the *file's* updates added: what a
+    user gets, after export (rank truncation, dtype), not the training adapters."""
+    model = task.model()
+    for name in task.targets:
+        w = lora.modules.get(file_key_of(name))
+        if w is not None:
+            lin = model.get_submodule(name)
+            lin.weight += w.delta().reshape(lin.weight.shape).to(lin.weight)
+    return task.held_out(model)
+
+
+def file_ranks(task: Task, lora) -> list[int]:
+    return [lora.modules[k].rank if (k := file_key_of(n)) in lora.modules else 0
+            for n in task.targets]
+
+
 def run_one(task: Task, spec: RunSpec, seed: int, out_dir: Path) -> RunResult:
     torch.manual_seed(seed)
+    path = out_dir / f"{task.name}_{spec.name}_s{seed}.safetensors"
+    if spec.kind == "adalora":
+        from adalora_baseline import run_adalora
+
+        return run_adalora(task, spec, seed, path)
     model = task.model()
     a_cfg, t_cfg = configs_for(task, spec)
     t_cfg.seed = seed
     t0 = time.perf_counter()
     if spec.fixed_rank is not None:
-        adapters = attach(model, a_cfg, fixed_rank=spec.fixed_rank, seed=seed)
+        adapters = attach(model, a_cfg, fixed_rank=spec.fixed_rank, seed=seed,
+                          slot_init=spec.slot_init)
+        export = ExportConfig(rank_tol=0.0)
     else:
         adapters = attach(model, a_cfg, seed=seed)
+        export = ExportConfig() if spec.export_tol is None else ExportConfig(
+            rank_tol=spec.export_tol)
     entropy = task.entropy(model)
     try:
-        callbacks = None
-        if spec.nu_warmup:  # through the public API: the "nu" param group's lr, then restored
-            def restore(tr: Trainer, _rec: dict) -> None:
-                if tr.step == spec.nu_warmup:
-                    for g in tr.optimizer.param_groups:
-                        if g.get("name") == "nu":
-                            g["lr"] = t_cfg.nu_lr
-            callbacks = Callbacks(on_step=restore)
-        trainer = Trainer(adapters, task.make_loss(model), task.dataset(), t_cfg, entropy=entropy,
-                          callbacks=callbacks)
-        if spec.nu_warmup:
-            for g in trainer.optimizer.param_groups:
-                if g.get("name") == "nu":
-                    g["lr"] = 0.0
+        trainer = Trainer(adapters, task.make_loss(model), task.dataset(), t_cfg, entropy=entropy)
         trainer.run()
-        loss = task.held_out(model)
         wall = time.perf_counter() - t0
-        path = out_dir / f"{task.name}_{spec.name}_s{seed}.safetensors"
-        export_adapters(adapters, path)
-        size = file_bytes(path)
-        lora = read_lora(path)
-        record = lora.lora2_modules()
-        by_key = {rec["key"]: name for name, rec in record.items()}
-        file_ranks = {by_key[k]: r for k, r in lora.ranks().items()}
-        learned = [file_ranks[n] for n in task.targets]
-        assert learned == [adapters.ranks()[n] for n in task.targets]
-        params = adapters.num_parameters()
+        export_adapters(adapters, path, export)
+        trained = [adapters.ranks()[n] for n in task.targets]
     finally:
         if entropy is not None:
             entropy.remove()
         adapters.detach()
+    size = file_bytes(path)
+    lora = read_lora(path)
+    learned = file_ranks(task, lora)
+    loss = held_out_from_file(task, lora)
+    params = sum(w.rank * (w.up.shape[0] + w.down.flatten(1).shape[1])
+                 for w in lora.modules.values())
     rho = spearman(learned, task.true_ranks)
-    cfg = {"adapter": {k: getattr(a_cfg, k) for k in ("r_target", "init_rank", "r_max", "init")},
+    cfg = {"adapter": {k: getattr(a_cfg, k) for k in ("r_target", "init_rank", "r_max", "init",
+                                                      "slot_init")},
            "train": {k: getattr(t_cfg, k) for k in ("steps", "lr", "nu_lr", "lambda_r",
-                                                     "lambda_e")},
-           "nu_warmup": spec.nu_warmup}
+                                                     "lambda_e", "task_norm", "nu_signal",
+                                                     "nu_warmup")},
+           "export_tol": export.rank_tol}
     return RunResult(task.name, spec.name, spec.kind, seed, size.total, size.payload, params,
-                     loss, rho, learned, list(task.true_ranks), wall, spec.default, cfg)
+                     loss, rho, learned, list(task.true_ranks), wall, spec.default, cfg, trained)
 
 
-def default_specs(task_name: str, fixed_lrs: Sequence[float] = ()) -> list[RunSpec]:
+ADALORA_LRS = (2e-3, 1e-2, 3e-2)  # its learning rate, tuned per task over this grid
+
+
+def default_specs(task_name: str, fixed_lrs: Sequence[float] = (),
+                  adalora_lrs: Sequence[float] = ADALORA_LRS) -> list[RunSpec]:
+    """Fixed ranks, LoRA² (default and paper presets, ablations of each new mechanism) and
+    AdaLoRA at the default LoRA² run's mean rank (``adalora_target=0``: matched per seed)."""
     specs = [RunSpec(f"fixed-r{r}", fixed_rank=r) for r in FIXED_RANKS]
     specs += [RunSpec(f"fixed-r{r}-lr{lr:g}", fixed_rank=r, lr=lr)
               for lr in fixed_lrs for r in FIXED_RANKS]
-    for p in ("spread", "paper"):
-        for init in ("kaiming", "paper"):
-            specs.append(RunSpec(f"lora2-{p}-{init}", preset=p, init=init,
-                                 default=(p == "spread" and init == "kaiming")))
-    specs.append(RunSpec("ablate-no-reg", overrides=(("lambda_r", 0.0),)))
-    if task_name == "unet":  # the layers task has no attention, so no entropy term to remove
+    specs += [RunSpec("lora2-default", default=True),
+              RunSpec("lora2-paper-preset", preset="paper"),
+              RunSpec("ablate-no-reg", overrides=(("lambda_r", 0.0),)),
+              RunSpec("ablate-random-slots", overrides=(("slot_init", "random"),)),
+              RunSpec("ablate-raw-nu-signal", overrides=(("nu_signal", "raw"),
+                                                         ("lambda_r", 3e-4))),
+              RunSpec("ablate-export-rank-D", export_tol=0.0),
+              RunSpec("variant-slot-norm-each", overrides=(("slot_norm", "each"),))]
+    if task_name == "unet":  # the layer tasks have no attention, so no entropy term to remove
         specs.append(RunSpec("ablate-no-entropy", overrides=(("lambda_e", 0.0),)))
-    specs.append(RunSpec("ablate-nu-lr=lr", overrides=(("nu_lr", "lr"),)))
+    specs += [RunSpec(f"adalora-lr{lr:g}", adalora_target=0, lr=lr) for lr in adalora_lrs]
     return specs
-
-
-def make_task(name: str, seed: int, **kw: Any) -> Task:
-    if name == "layers":
-        return LayersTask(seed, **kw)
-    if name == "unet":
-        return UNetTask(seed, **kw)
-    raise ValueError(f"unknown task {name!r}: choose layers or unet")
-
-
-WORDS = ("a photo of sks dog cat vase red blue green small large wooden metal on the table "
-         "in a garden at night sunny beach snow forest city street old new shiny soft bright "
-         "dark portrait close up wide angle painting sketch").split()
-UNET_BLOCKS = ("output_blocks.2.1", "output_blocks.3.1")  # level-1 decoder transformers
-PROJ = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
-PLANTED = ("to_v", "to_out.0")  # q/k of this random UNet barely move its output: kept at 0
-UNET_RANKS = (0, 0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 32)  # over the 16 v/out
-DIRECTION_WEIGHT = 1.0 / (96 * 24)  # loss of one planted direction in the layers task
-
-
-class UNetTask(Task):
-    """Tiny SDXL UNet student vs a teacher with planted low-rank updates on attention layers.
-
-    Components: every attention projection of the level-1 decoder transformers (2 x depth 2
-    blocks x 8 projections = 32). The 16 value/output projections get planted ranks 0..32;
-    the 16 query/key projections are untouched (true rank 0). A planted ``Delta W* =
-    U diag(s) V^T`` uses the top-k principal directions of the component's own input as ``V``
-    (every direction is excited by the data, so the rank is identifiable) with ``s_i`` chosen so
-    each direction adds the same energy to the layer's output; the whole update is then scaled
-    so it changes the UNet's output by ``k * e_unit`` (MSE), i.e. loss is proportional to rank.
-    The task loss is ``MSE(student, teacher) * kappa`` with ``kappa = DIRECTION_WEIGHT /
-    e_unit``: one planted direction weighs what it weighs in the layers task, so ``lambda_r``
-    and ``lambda_e`` mean the same thing in both tasks.
-    """
-
-    name = "unet"
-
-    def __init__(self, seed: int, steps: int = 300, lr: float = 2e-3, batch_size: int = 2,
-                 latent: int = 8, tokens: int = 8, n_train: int = 64, n_eval: int = 16,
-                 ranks: Sequence[int] = UNET_RANKS, rel_unit: float = 1e-4,
-                 device: str = "cpu") -> None:
-        from lora2_engine.models.tiny import build_tiny, sdxl_adm
-        from lora2_engine.schedule import Schedule
-        from lora2_engine.trainer import collate
-
-        self.seed, self.steps, self.lr, self.batch_size = seed, steps, lr, batch_size
-        self.latent, self.tokens = latent, tokens
-        unet, text, _ = build_tiny("sdxl", seed=seed)
-        self.device = torch.device(device)
-        self._base = unet.requires_grad_(False).eval().to(self.device)
-        text = text.to(self.device)
-        self.targets = tuple(f"{b}.transformer_blocks.{d}.{p}"
-                             for b in UNET_BLOCKS for d in range(2) for p in PROJ)
-        gen = torch.Generator().manual_seed(30_000 + seed)
-
-        def examples(n: int) -> list[dict]:
-            out = []
-            for _ in range(n):
-                words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (6,), generator=gen)]
-                ctx, pooled = text.encode([" ".join(words)])
-                lat = torch.randn(4, latent, latent, generator=gen).to(self.device)
-                out.append({"latents": lat, "context": ctx[0, :tokens].clone(),
-                            "y": sdxl_adm(pooled, 8 * latent, 8 * latent)[0]})
-            return out
-
-        self.train = examples(n_train)
-        self.schedule = Schedule("eps")
-
-        def noised(exs: list[dict], g: torch.Generator) -> dict:
-            b = collate(exs)
-            x_t, t, _ = self.schedule.sample(b["latents"], g)
-            return {"x_t": x_t, "t": t.to(x_t.device), "context": b["context"], "y": b["y"]}
-
-        evals = examples(n_eval)
-        self.eval_batch = noised(evals + evals, torch.Generator().manual_seed(40_000 + seed))
-        calib = noised(self.train[:8], torch.Generator().manual_seed(45_000 + seed))
-        planted = [i for i, n in enumerate(self.targets) if n.endswith(PLANTED)]
-        perm = torch.randperm(len(planted), generator=gen).tolist()
-        self.true_ranks = [0] * len(self.targets)
-        for j, p in enumerate(perm):
-            self.true_ranks[planted[p]] = int(ranks[j])
-        self.teacher = copy.deepcopy(self._base)
-        with torch.no_grad():
-            base_out = self._predict(self._base, calib)
-            self.e_unit = rel_unit * float(base_out.var())
-            self._plant(gen, calib, base_out)
-            self.y_eval = self._predict(self.teacher, self.eval_batch)
-        self.kappa = DIRECTION_WEIGHT / self.e_unit
-        self.scale = {
-            "spread": {"r_max": 64},
-            "paper": {"r_max": 64, "r_target": 16, "init_rank": 16},
-        }
-
-    @staticmethod
-    def _predict(model: nn.Module, b: dict) -> torch.Tensor:
-        return model(b["x_t"], b["t"], b["context"], b["y"])
-
-    @torch.no_grad()
-    def _inputs(self) -> dict[str, torch.Tensor]:
-        """Inputs of every component on the (noised) training data."""
-        from lora2_engine.trainer import collate
-
-        seen: dict[str, list[torch.Tensor]] = {n: [] for n in self.targets}
-        hooks = [self.teacher.get_submodule(n).register_forward_pre_hook(
-            lambda _m, inp, n=n: seen[n].append(inp[0].reshape(-1, inp[0].shape[-1])))
-            for n in self.targets]
-        gen = torch.Generator().manual_seed(50_000 + self.seed)
-        try:
-            for i in range(0, len(self.train), 16):  # noise drawn on the CPU, as in training
-                batch = collate(self.train[i:i + 16])
-                x_t, t, _ = self.schedule.sample(batch["latents"], gen)
-                self.teacher(x_t, t.to(x_t.device), batch["context"], batch["y"])
-        finally:
-            for h in hooks:
-                h.remove()
-        return {n: torch.cat(v).double() for n, v in seen.items()}
-
-    @torch.no_grad()
-    def _plant(self, gen: torch.Generator, calib: dict, base_out: torch.Tensor) -> None:
-        inputs = self._inputs()
-        scaled: dict[str, torch.Tensor] = {}
-        for name, k in zip(self.targets, self.true_ranks):
-            if k == 0:
-                continue
-            lin = self.teacher.get_submodule(name)
-            x, w = inputs[name], lin.weight.double()
-            _, s, vh = torch.linalg.svd(x, full_matrices=False)
-            lam = s[:k] ** 2 / x.shape[0]  # mean squared input along each v_i
-            u = orthonormal(w.shape[0], k, gen).double().to(x.device)
-            delta = ((u / lam.sqrt()) @ vh[:k]).float()  # each direction: equal output energy
-            original = lin.weight.clone()
-            lin.weight += delta  # measured alone: the other updates are not in yet
-            effect = float((self._predict(self.teacher, calib) - base_out).pow(2).mean())
-            lin.weight.copy_(original)
-            scaled[name] = math.sqrt(k * self.e_unit / effect) * delta  # MSE ~ scale^2
-        for name, delta in scaled.items():
-            self.teacher.get_submodule(name).weight += delta
-
-    def model(self) -> nn.Module:
-        return copy.deepcopy(self._base)
-
-    def dataset(self) -> list[dict]:
-        return self.train
-
-    def entropy(self, model: nn.Module) -> EntropyCapture | None:
-        return EntropyCapture(model)
-
-    def make_loss(self, model: nn.Module) -> Callable[[dict, torch.Generator], torch.Tensor]:
-        from lora2_engine.diffusion import ldm_predict
-
-        student, teacher = ldm_predict(model), ldm_predict(self.teacher)
-
-        def loss(batch: dict, gen: torch.Generator) -> torch.Tensor:
-            x_t, t, _ = self.schedule.sample(batch["latents"], gen)  # the real noise/timesteps
-            t = t.to(x_t.device)  # Schedule.sample leaves the eps/v timesteps on the CPU
-            with torch.no_grad():
-                target = teacher(x_t, t, batch)  # the teacher's noise prediction at x_t, t
-            return self.kappa * mse_target(student(x_t, t, batch), target)
-
-        return loss
-
-    @torch.no_grad()
-    def held_out(self, model: nn.Module) -> float:
-        return self.kappa * float(mse_target(self._predict(model, self.eval_batch), self.y_eval))
 
 
 # -- many runs -----------------------------------------------------------------------------------
@@ -514,25 +280,41 @@ def _job(args: tuple[str, int, RunSpec, dict[str, Any], str]) -> RunResult:
 def run_all(task_name: str, seeds: Sequence[int], specs: Sequence[RunSpec],
             task_kw: dict[str, Any], jobs: int = 1,
             log: Callable[[RunResult], None] | None = None) -> list[RunResult]:
-    """Every spec on every seed (seed-major, so a worker builds each task once)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        work = [(task_name, s, spec, task_kw, tmp) for s in seeds for spec in specs]
-        results: list[RunResult] = []
-        if jobs <= 1:
-            for w in work:
-                results.append(_job(w))
-                if log:
-                    log(results[-1])
-        else:
-            import multiprocessing as mp
+    """Every spec on every seed (seed-major, so a worker builds each task once).
 
-            with mp.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
-                for r in pool.imap_unordered(_job, work, chunksize=1):
-                    results.append(r)
-                    if log:
-                        log(r)
-        order = {(s, spec.name): i for i, (_, s, spec, _, _) in enumerate(work)}
-        return sorted(results, key=lambda r: order[(r.seed, r.name)])
+    AdaLoRA specs with ``adalora_target=0`` run in a second phase at the mean exported rank of
+    the same seed's default LoRA² run, so the two are compared at (about) equal bytes.
+    """
+    first = [s for s in specs if s.adalora_target != 0]
+    second = [s for s in specs if s.adalora_target == 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _run_work([(task_name, s, spec, task_kw, tmp) for s in seeds for spec in first],
+                            jobs, log)
+        matched = {r.seed: _mean(r.learned) for r in results if r.default}
+        work = [(task_name, s, dataclasses.replace(spec, adalora_target=matched.get(s, 8.0)),
+                 task_kw, tmp) for s in seeds for spec in second]
+        results += _run_work(work, jobs, log)
+    order = {(s, spec.name): i for i, (s, spec) in enumerate(
+        (s, spec) for spec_list in (first, second) for s in seeds for spec in spec_list)}
+    return sorted(results, key=lambda r: order[(r.seed, r.name)])
+
+
+def _run_work(work: list, jobs: int, log) -> list[RunResult]:
+    results: list[RunResult] = []
+    if jobs <= 1:
+        for w in work:
+            results.append(_job(w))
+            if log:
+                log(results[-1])
+        return results
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
+        for r in pool.imap_unordered(_job, work, chunksize=1):
+            results.append(r)
+            if log:
+                log(r)
+    return results
 
 
 # -- summaries, targets, table, picture ----------------------------------------------------------
@@ -629,8 +411,28 @@ def targets_report(results: Sequence[RunResult], rho_min: float = 0.8) -> tuple[
         ok, ratio, dom = check_point(fixed_mean, d["bytes"], d["loss"])
         lines.append(f"mean over seeds: {d['bytes']:,.0f} B, loss {d['loss']:.3g} = {ratio:.2f} "
                      f"x front ({'on/below' if ok else 'ABOVE'}); Spearman mean {d['rho']:.3f}, "
-                     f"min {d['rho_min']:.3f}")
+                     f"min {d['rho_min']:.3f}; over planted components {d['rho_planted']:.3f}")
+        ada = best_adalora(summ, fixed_mean)
+        if ada:
+            name, v, a_ratio = ada
+            lines.append(f"AdaLoRA (best lr: {name}) at its matched budget: {v['bytes']:,.0f} B, "
+                         f"loss {v['loss']:.3g} = {a_ratio:.2f} x front; Spearman over planted "
+                         f"{v['rho_planted']:.3f} -> LoRA² "
+                         f"{'at or below' if ratio <= a_ratio else 'ABOVE'} AdaLoRA relative "
+                         f"to the front ({ratio:.2f} vs {a_ratio:.2f}), "
+                         f"{'better' if d['rho_planted'] > v['rho_planted'] else 'not better'} "
+                         "rank ordering")
     return lines, ok_all
+
+
+def best_adalora(summ: dict, fixed_mean) -> tuple[str, dict, float] | None:
+    """The AdaLoRA row (lr of the grid) with the lowest loss relative to the fixed front."""
+    rows = [(check_point(fixed_mean, v["bytes"], v["loss"])[1], k, v) for k, v in summ.items()
+            if v["kind"] == "adalora"]
+    if not rows:
+        return None
+    ratio, name, v = min(rows, key=lambda t: t[0])
+    return name, v, ratio
 
 
 def table(results: Sequence[RunResult], task: str, meta: dict[str, Any]) -> str:
@@ -728,20 +530,26 @@ def picture(results: Sequence[RunResult], task: str, path: Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     top = 1
-    for k, v in summ.items():
-        if v["kind"] == "fixed":
-            continue
-        c = next(colors)
-        if not (v["default"] or k.endswith("-paper") or "paper-kaiming" in k):
-            continue
-        xs = [t + 0.25 * (r.seed - 1) for r in v["runs"] for t in r.true]
+    fixed_mean = [(v["bytes"], v["loss"]) for v in summ.values() if v["kind"] == "fixed"]
+    ada = best_adalora(summ, fixed_mean) if fixed_mean else None
+    shown = [k for k, v in summ.items() if v["default"] or k == "lora2-paper-preset"]
+    shown += [ada[0]] if ada else []
+    for k, c in zip(shown, ("C0", "C3", "C2")):
+        v = summ[k]
+        xs = [t * (1 + 0.04 * (r.seed - 1)) for r in v["runs"] for t in r.true]
         ys = [lr for r in v["runs"] for lr in r.learned]
         top = max(top, *ys, *xs)
         bx.scatter(xs, ys, s=14, color=c, alpha=0.7,
-                   label=f"{k}: Spearman {v['rho']:.2f} (min {v['rho_min']:.2f})")
-    bx.plot([0, top], [0, top], ":", color="0.5", label="learned = true")
-    bx.set(xlabel="true (planted) rank", ylabel="learned rank (exported file)",
-           title=f"{task}: learned vs true rank per component, all seeds")
+                   label=f"{k}: Spearman over planted {v['rho_planted']:.2f}")
+    line = [0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128][: 2 + int(math.log2(max(top, 2)))]
+    bx.plot(line, line, ":", color="0.4", label="learned = planted")
+    bx.plot(line, [1.5 * x for x in line], "--", color="0.7", lw=0.8,
+            label="1.5 x planted / planted - 1 (calibration bounds)")
+    bx.plot(line, [max(x - 1, 0) for x in line], "--", color="0.7", lw=0.8)
+    bx.set_xscale("symlog", linthresh=1)
+    bx.set_yscale("symlog", linthresh=1)
+    bx.set(xlabel="planted rank (log)", ylabel="rank in the exported file (log)",
+           title=f"{task}: learned vs planted rank per component, all seeds")
     bx.grid(True, alpha=0.3)
     bx.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -773,7 +581,9 @@ def write_outputs(results: Sequence[RunResult], task: str, meta: dict[str, Any],
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", choices=("layers", "unet"), required=True)
+    ap.add_argument("--task", required=True,
+                    help=f"unet or one of {sorted(LAYER_TASKS)}, optionally with @in<scale> / "
+                         "@loss<scale> (e.g. layers@in10)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", nargs="*", help="run names to keep (default: all)")
     ap.add_argument("--steps", type=int, help="override the task's steps")

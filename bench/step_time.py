@@ -25,20 +25,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora2_engine import AdapterConfig, TrainConfig, attach  # noqa: E402
-from lora2_engine.diffusion import layout_of, ldm_predict  # noqa: E402
+from lora2_engine.denoiser import ModuleDenoiser  # noqa: E402
+from lora2_engine.families import get  # noqa: E402
 from lora2_engine.formats.lora_file import export_adapters  # noqa: E402
-from lora2_engine.models.tiny import build_tiny  # noqa: E402
+from lora2_engine.models.loader import encoder  # noqa: E402
+from lora2_engine.models.tiny import build_tiny, unet_config  # noqa: E402
 from lora2_engine.objective import EntropyCapture  # noqa: E402
-from lora2_engine.schedule import Schedule, diffusion_loss  # noqa: E402
+from lora2_engine.schedule import DiscreteSchedule, denoising_loss  # noqa: E402
 from lora2_engine.trainer import Trainer  # noqa: E402
+
+SDXL = get("sdxl")
 
 
 def _examples(text, vae, latent: int, n: int = 4) -> list[dict]:
-    from lora2_engine.diffusion import encode_examples
-
     g = torch.Generator().manual_seed(0)
     imgs = [torch.rand(3, latent * 8, latent * 8, generator=g) for _ in range(n)]
-    return encode_examples(imgs, ["a photo of sks dog"] * n, vae, text, "sdxl")
+    return encoder(vae, text, SDXL)(imgs, ["a photo of sks dog"] * n)
+
+
+def _loss(model, schedule):
+    return denoising_loss(ModuleDenoiser(model, schedule, SDXL.cond_keys))
 
 
 def _state_bytes(trainer: Trainer) -> int:
@@ -62,22 +68,20 @@ def main() -> None:
 
     unet, text, vae = build_tiny("sdxl")
     data = _examples(text, vae, args.latent)
-    schedule = Schedule()
+    schedule = DiscreteSchedule()
     cfg = TrainConfig(steps=10_000, lr=1e-4, nu_lr=1e-2, lambda_r=3e-4, lambda_e=1e-4)
 
     frozen = copy.deepcopy(unet).requires_grad_(False)
-    predict = ldm_predict(frozen)
+    frozen.input_blocks[0][0].weight.requires_grad_(True)  # backward through every layer
+    frozen_loss = _loss(frozen, schedule)
     gen = torch.Generator().manual_seed(0)
 
     def frozen_step() -> None:
-        batch = {k: v[None] for k, v in data[0].items()}
-        x_t, t, target = schedule.sample(batch["latents"], gen)
-        x_t.requires_grad_(True)  # backward through every layer, as adapters need
-        torch.nn.functional.mse_loss(predict(x_t, t, batch), target).backward()
+        frozen_loss({k: v[None] for k, v in data[0].items()}, gen).backward()
 
     lora2_model = copy.deepcopy(unet)
     ad2 = attach(lora2_model, AdapterConfig(r_target=1, init_rank=args.init_rank, r_max=512))
-    tr2 = Trainer(ad2, diffusion_loss(ldm_predict(lora2_model), schedule), data, cfg,
+    tr2 = Trainer(ad2, _loss(lora2_model, schedule), data, cfg,
                   entropy=EntropyCapture(lora2_model))
     for _ in range(args.warmup):
         tr2.train_step()
@@ -85,12 +89,12 @@ def main() -> None:
 
     noent_model = copy.deepcopy(unet)
     ad0 = attach(noent_model, AdapterConfig(r_target=1, init_rank=args.init_rank, r_max=512))
-    tr0 = Trainer(ad0, diffusion_loss(ldm_predict(noent_model), schedule), data,
+    tr0 = Trainer(ad0, _loss(noent_model, schedule), data,
                   TrainConfig(**{**cfg.__dict__, "lambda_e": 0.0}))
 
     fixed_model = copy.deepcopy(unet)
     adf = attach(fixed_model, fixed_rank=mean_rank)
-    trf = Trainer(adf, diffusion_loss(ldm_predict(fixed_model), schedule), data, cfg)
+    trf = Trainer(adf, _loss(fixed_model, schedule), data, cfg)
     for _ in range(args.warmup):
         trf.train_step()
         tr0.train_step()
@@ -107,7 +111,8 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     with tempfile.TemporaryDirectory() as d:
-        path = export_adapters(ad2, Path(d) / "a.safetensors", layout=layout_of(lora2_model))
+        layout = SDXL.model_layout(unet_config(unet))
+        path = export_adapters(ad2, Path(d) / "a.safetensors", layout=layout)
         raw = path.read_bytes()
         header = int.from_bytes(raw[:8], "little")
         payload = len(raw) - 8 - header

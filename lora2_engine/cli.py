@@ -74,9 +74,12 @@ def _class_noun(folder: Path, default: str) -> str:
 
 
 def _train(args, folder: Path, out_dir: Path) -> int:
+    import dataclasses
+
     from .data import instance_prompt, load_subject
-    from .diffusion import train_unet
+    from .diffusion import train_diffusion
     from .models.loader import load_model
+    from .precision import PrecisionConfig
     from .runfiles import RunFiles
     from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 
@@ -85,25 +88,31 @@ def _train(args, folder: Path, out_dir: Path) -> int:
               "checkpoint_every"):
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
-    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
+    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
     # every file the run will write, checked before any work (name, folder, resume file)
-    RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
+    run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
     for w in data.warnings():
         _say(f"warning: {w}")
     model = load_model(args.model)
+    adapter_cfg = dataclasses.replace(adapter_cfg,
+                                      targets=model.family.resolve_targets(args.targets))
+    train_cfg = dataclasses.replace(train_cfg, grad_checkpointing=model.family.grad_checkpointing)
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
     _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
          f"(model {args.model}, preset {args.preset})", sys.stdout)
     bar, on_step = _progress(train_cfg.steps, _resumed_step(args.resume))
     t0 = time.perf_counter()
     try:
-        out = train_unet(model.unet, examples, adapter_cfg, train_cfg, out_dir, args.name,
-                         export, model.schedule, Callbacks(on_step=on_step), args.resume,
-                         model.layout, model.predict, resume_force=args.resume_force)
+        out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
+                              export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
+                              resume=args.resume, resume_force=args.resume_force, run=run,
+                              precision=PrecisionConfig(args.training_dtype, args.adapter_dtype),
+                              extra_metadata={"lora2.name": args.name,
+                                              "ss_output_name": args.name})
     except TrainingInterrupted as exc:
         bar.close()
         _say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
@@ -118,7 +127,7 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
-    for p in (out.lora, out.report_json, out.rank_map, out.loss_plot, out.config_json):
+    for p in run.outputs():
         _say(f"wrote {p}", sys.stdout)
     return 0
 
@@ -272,10 +281,16 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _preset_default(field: str) -> str:
-    """'the preset's: spread 1e-4, paper 5e-5' for a field the presets set."""
-    values = [f"{name} {part[field]:g}" for name, p in sorted(cfgmod.PRESETS.items())
-              for part in p.values() if field in part]
+    """'default: the preset's (paper 5e-05, spread 0.0001)' for a field the presets set."""
+    values = []
+    for name in sorted(cfgmod.PRESETS):
+        adapter, train = cfgmod.preset(name)
+        values.append(f"{name} {getattr(adapter, field, getattr(train, field, None)):g}")
     return f"default: the preset's ({', '.join(values)})"
+
+
+_PRESET_HELP = ("the method's settings: spread (the pack's, chosen on the rank-recovery "
+                "benchmark) or paper (the paper's SDXL settings as written)")
 
 
 def _budget_args(p: argparse.ArgumentParser) -> None:
@@ -305,16 +320,22 @@ _TRAIN_OPTIONS = (  # (flag, type, config field, help)
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--model", default="tiny-sdxl",
-                   help="tiny-sdxl or tiny-sd15 (built-in random-weight stand-ins: they show "
-                        "the method, not a usable LoRA), or a diffusers SD1.x/SDXL pipeline "
-                        "folder")
+                   help="tiny-sdxl, tiny-sd15 or tiny-flux (built-in random-weight stand-ins: "
+                        "they show the method, not a usable LoRA), or a diffusers SD1.x/SDXL "
+                        "pipeline folder")
+    p.add_argument("--training-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast dtype of each step (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the trained A/B matrices")
+    p.add_argument("--targets", default="attention",
+                   help="modules to adapt: attention (the family's attention projections), "
+                        "attention+mlp, or comma-separated module name suffixes")
     p.add_argument("--token", default="sks", help="instance token (DreamBooth): the rare word "
                    "that will mean your subject")
     p.add_argument("--class-noun", default=None, help="what the subject is, e.g. dog (default: "
                    "the folder's name, or its line in prompts_and_classes.txt)")
     p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS),
-                   help="the method's settings: spread (ranks differ a lot) or paper (the "
-                        "paper's SDXL settings)")
+                   help=_PRESET_HELP)
     p.add_argument("--steps", type=int, default=100 if demo else 500, help="training steps")
     p.add_argument("--resolution", type=int, default=256 if demo else 512,
                    help="training size in pixels (square crops)")

@@ -1,11 +1,17 @@
-"""A subject-training run on an LDM-style UNet: encode, attach, train, export, report.
+"""The one training path of a diffusion run: examples → attach → loop → export → detach.
 
-This is what the CLI's ``demo``/``train`` and the benchmarks call. ComfyUI's nodes reuse the
-same pieces with ComfyUI's own model and noise schedule (``nodes/bridge.py``).
+The CLI, the library and ComfyUI's TrainAdaptiveLoRA all call :func:`train_diffusion`. They
+differ only in the denoiser they hand it (``denoiser.py``: ComfyUI's ``apply_model``, or a
+module under the engine's schedule) and in what they do with the result. The adapter is
+exported in memory; a file is written only when ``out_file`` is given, or, with ``run``
+(:class:`runfiles.RunFiles`), as the run's complete set: adapter, rank report, rank map, loss
+plot and configs, checked before training and published so that a kill leaves either the old
+files or the whole new set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,111 +20,150 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpointing import checkpointed_blocks
 from .config import AdapterConfig, ExportConfig, TrainConfig, to_dict
-from .formats.keys import OTHER, UNetLayout
-from .formats.lora_file import adapters_to_lora, lora_bytes
-from .inject import Adapters, attach
-from .objective import EntropyCapture
-from .report import figure_png, loss_figure, rank_map_figure, report_bytes, report_from_adapters
+from .families import Family, get
+from .formats.keys import UNetLayout
+from .formats.lora_file import LoraFile, adapters_to_lora, lora_bytes, write_lora
+from .inject import attach
+from .precision import PrecisionConfig
 from .runfiles import RunFiles
-from .schedule import Schedule, diffusion_loss
+from .schedule import denoising_loss, euler_sample
 from .trainer import Callbacks, Trainer
 
 
-def layout_of(unet: nn.Module) -> UNetLayout:
-    """The name-mapping layout of a tiny/ComfyUI UNet (from its spec or unet_config)."""
-    spec = getattr(unet, "spec", None)
-    if spec is not None:
-        return UNetLayout(spec.family, tuple(spec.num_res_blocks),
-                          spec.transformer_depth_middle >= -1)
-    return OTHER
-
-
-@torch.no_grad()
-def encode_examples(pixels: list[torch.Tensor], captions: list[str], vae, text_encoder,
-                    family: str) -> list[dict]:
-    """Images (3, H, W) in [0, 1] and captions → training examples (latents + conditioning)."""
-    from .models.tiny import sdxl_adm
-
-    examples = []
-    for img, cap in zip(pixels, captions):
-        latents = vae.encode(img[None])[0]
-        context, pooled = text_encoder.encode([cap])
-        ex = {"latents": latents, "context": context[0]}
-        if family == "sdxl":
-            ex["y"] = sdxl_adm(pooled, img.shape[1], img.shape[2])[0]
-        examples.append(ex)
-    return examples
-
-
-def ldm_predict(unet: nn.Module):
-    """``predict(x_t, t, batch)`` for UNets called as ``unet(x, timesteps, context, y)``."""
-    def predict(x_t: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
-        return unet(x_t, t, batch["context"], batch.get("y"))
-    return predict
-
-
 @dataclass
-class RunOutputs:
-    """Where a run wrote its files, and what it learned."""
+class TrainResult:
+    """What a run learned: the LoRA (in memory; ``lora.path`` once written), the loss history
+    and the rank of every component."""
 
-    lora: Path
-    report_json: Path
-    rank_map: Path
-    loss_plot: Path
-    checkpoint: Path
+    lora: LoraFile
     history: list[dict] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
-    config_json: Path | None = None
+    steps: int = 0
 
 
-def train_unet(unet: nn.Module, examples: list[dict], adapter_cfg: AdapterConfig,
-               train_cfg: TrainConfig, out_dir: str | os.PathLike, name: str = "lora2",
-               export: ExportConfig | None = None, schedule: Schedule | None = None,
-               callbacks: Callbacks | None = None, resume: str | os.PathLike | None = None,
-               layout: UNetLayout | None = None, predict=None,
-               resume_force: bool = False) -> RunOutputs:
-    """Train adaptive adapters on ``unet`` and write adapter, reports and plots to ``out_dir``.
+def fingerprint(model: nn.Module) -> tuple[dict[str, int], float]:
+    """The module tree and the sum of every weight (one tensor at a time in fp32)."""
+    mods = {n: id(m) for n, m in model.named_modules()}
+    total = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            total += float(p.detach().float().sum())
+    return mods, total
 
-    The files are ``<name>.safetensors`` and ``<name>.*`` side files (see ``runfiles``),
-    checked before training and written as one set. Nothing existing is overwritten unless
-    ``export.overwrite``; a checkpoint ``<name>.state.safetensors`` is kept on cancel, on a
-    non-finite loss and every ``checkpoint_every`` steps, and removed after a successful
-    export. ``predict`` defaults to :func:`ldm_predict` (tiny and ComfyUI-layout UNets);
-    diffusers UNets bring their own.
+
+def _has_own_switch(model: nn.Module) -> bool:
+    return hasattr(model, "gradient_checkpointing") or hasattr(
+        model, "enable_gradient_checkpointing")
+
+
+def train_diffusion(denoiser, examples: list[dict], family: Family | str,
+                    adapter_cfg: AdapterConfig, train_cfg: TrainConfig,
+                    export_cfg: ExportConfig | None = None, *, layout: UNetLayout | None = None,
+                    callbacks: Callbacks | None = None,
+                    checkpoint_path: str | os.PathLike | None = None,
+                    resume: str | os.PathLike | None = None, resume_force: bool = False,
+                    out_file: str | os.PathLike | None = None, run: RunFiles | None = None,
+                    extra_metadata: dict[str, str] | None = None,
+                    precision: PrecisionConfig | None = None) -> TrainResult:
+    """Train LoRA² adapters on ``denoiser.module`` and return them as a LoRA in memory.
+
+    ``examples``: ``{"latents": (C, h, w), "c_crossattn": (T, D), ...}`` with conditioning in
+    ComfyUI's names. The module is restored bit for bit afterwards (checked: module tree and
+    weight sums). A checkpoint is kept at ``checkpoint_path`` on cancel, on a non-finite loss
+    and every ``checkpoint_every`` steps, and removed after a successful export. ``precision``
+    (default: ``train_cfg.mixed_precision`` as given, fp32 adapters) picks the autocast dtype
+    for the module's device and the adapters' dtype. ``resume_force`` resumes a state whose
+    settings differ (``resume.py`` lists what differs otherwise). With ``run`` the state lives
+    at ``run.state`` and the whole output set is published (see the module docstring).
     """
-    export = export or ExportConfig()
-    run = RunFiles.plan(out_dir, name, overwrite=export.overwrite, resume=resume)
-    paths = RunOutputs(run.adapter, run.report_json, run.rank_map, run.loss_plot, run.state,
-                       config_json=run.config_json)
-    layout = layout or layout_of(unet)
-    adapters: Adapters = attach(unet, adapter_cfg, seed=train_cfg.seed)
-    entropy = EntropyCapture(unet)
+    if run is not None:
+        checkpoint_path = run.state
+    family = get(family) if isinstance(family, str) else family
+    family.check_entropy(train_cfg.lambda_e)
+    export_cfg = export_cfg or ExportConfig()
+    family.check_key_style(export_cfg.key_style)
+    module = denoiser.module
+    layout = layout or family.model_layout()
+    before = fingerprint(module)
+    own = _has_own_switch(module)
+    ckpt = train_cfg.grad_checkpointing
+    adapter_dtype = None
+    if precision is not None:
+        mixed, adapter_dtype = precision.resolve(next(module.parameters()).device)
+        train_cfg = dataclasses.replace(train_cfg, mixed_precision=mixed)
+    trainer_cfg = dataclasses.replace(train_cfg, grad_checkpointing=ckpt and own)
+    adapters = attach(module, adapter_cfg, seed=train_cfg.seed)
+    if adapter_dtype is not None and adapter_dtype != torch.float32:
+        for p in adapters.factor_parameters():
+            p.data = p.data.to(adapter_dtype)
+    entropy = family.entropy(module) if train_cfg.lambda_e > 0 else None
     try:
-        run.reserve()
-        run.check_space(run.needed_bytes(adapters.factor_parameters()))
-        predict = predict or ldm_predict(unet)
-        trainer = Trainer(adapters, diffusion_loss(predict, schedule or Schedule()),
-                          examples, train_cfg, entropy=entropy, checkpoint_path=paths.checkpoint,
-                          callbacks=callbacks)
+        if run is not None:
+            run.reserve()
+            run.check_space(run.needed_bytes(adapters.factor_parameters()))
+        if entropy is not None and entropy.num_layers == 0:
+            raise ValueError(f"lambda_e={train_cfg.lambda_e}: no text→image attention layer "
+                             f"found in this {family.display} model; set lambda_e to 0")
+        trainer = Trainer(adapters, denoising_loss(denoiser), examples, trainer_cfg,
+                          entropy=entropy, checkpoint_path=checkpoint_path, callbacks=callbacks)
         if resume:
             trainer.load_checkpoint(resume, allow_changes=resume_force)
-        history = trainer.run()
-        with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held; state kept
-            extra = {"lora2.name": name, "ss_output_name": name}
-            lora = adapters_to_lora(adapters, export, layout, train_cfg, trainer.step, extra)
-            report = report_from_adapters(adapters)
-            config = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
-                      "export": to_dict(export)}
-            run.publish(lora_bytes(lora), {
-                run.report_json: report_bytes(report),
-                run.rank_map: figure_png(rank_map_figure(report, f"{name}: learned rank per "
-                                                                 "component")),
-                run.loss_plot: figure_png(loss_figure(history, f"{name}: loss")),
-                run.config_json: json.dumps(config, indent=1).encode()})
-        paths.history, paths.ranks = history, adapters.ranks()
-        return paths
+        with checkpointed_blocks(module, checkpoint=ckpt and not own,
+                                 out_of_place=family.inplace_blocks):
+            history = trainer.run()
+        lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
+                                extra_metadata)
+        ranks = adapters.ranks()
+        if run is not None:
+            configs = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
+                       "export": to_dict(export_cfg)}
+            with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held; state kept
+                run.publish(lora_bytes(lora), run_side_files(run, adapters, history, configs))
+            lora.path = run.adapter
+        elif out_file is not None:
+            lora.path = write_lora(lora, out_file, overwrite=export_cfg.overwrite)
     finally:
-        entropy.remove()
+        if entropy is not None:
+            entropy.remove()
         adapters.detach()
-        run.release()
+        if run is not None:
+            run.release()
+    if fingerprint(module) != before:
+        raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
+    if checkpoint_path is not None and run is None:
+        Path(checkpoint_path).unlink(missing_ok=True)
+    return TrainResult(lora, history, ranks, trainer.step)
+
+
+def run_side_files(run: RunFiles, adapters, history: list[dict], configs: dict
+                   ) -> dict[Path, bytes]:
+    """The report, rank map, loss plot and configs a run leaves beside its adapter."""
+    from .report import (
+        figure_png,
+        loss_figure,
+        rank_map_figure,
+        report_bytes,
+        report_from_adapters,
+    )
+
+    report = report_from_adapters(adapters)
+    return {run.report_json: report_bytes(report),
+            run.rank_map: figure_png(rank_map_figure(report, f"{run.name}: learned rank per "
+                                                             "component")),
+            run.loss_plot: figure_png(loss_figure(history, f"{run.name}: loss")),
+            run.config_json: json.dumps(configs, indent=1).encode()}
+
+
+def preview(trainer: Trainer, denoiser, conds: dict, latent_shape: tuple[int, ...],
+            steps: int, seed: int, device) -> torch.Tensor:
+    """A few Euler steps from noise with the adapters as they are (entropy capture paused)."""
+    entropy = trainer.entropy
+    if entropy is not None:
+        entropy.enabled = False
+    try:
+        return euler_sample(denoiser, conds, (1, *latent_shape), steps, seed, device)
+    finally:
+        if entropy is not None:
+            entropy.enabled = True

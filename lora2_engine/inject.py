@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .distribution import nu_from_param, rank_from_nu, slot_weights_batched
-from .layer import AdaptiveLoRALayer, LoRALayer, Resize
+from .layer import AdaptiveLoRALayer, LoRALayer, Resize, dense_cap
 
 
 def _matches(name: str, targets: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
@@ -104,8 +104,8 @@ class Adapters:
         changed = {}
         names = [n for n, la in self.layers.items() if isinstance(la, AdaptiveLoRALayer)]
         for name, layer, d in zip(names, layers, targets):
-            # a rank above min(m, n) adds bytes, not expressiveness
-            r = layer.resize(min(d, layer.m, layer.n), generator, c.random_new_b)
+            # beyond the dense cap a rank adds bytes, not expressiveness
+            r = layer.resize(min(d, dense_cap(layer.m, layer.n)), generator, c.random_new_b)
             if r is not None:
                 changed[name] = r
         return changed
@@ -127,6 +127,14 @@ class Adapters:
         for i, layer in enumerate(layers):
             layer.cached_scale = f[i, : layer.rank]
         return nu
+
+    def init_pending_slots(self, generator: torch.Generator | None = None) -> int:
+        """After a backward pass: gradient-initialise every layer's pending slots."""
+        return sum(layer.init_pending_from_gradient(generator) for layer in self.layers.values())
+
+    def clear_pending_grads(self) -> None:
+        for layer in self.layers.values():
+            layer.clear_pending_grad()
 
     def clear_scales(self) -> None:
         for layer in self._adaptive():
@@ -157,7 +165,8 @@ class Adapters:
 
 
 def attach(model: nn.Module, config: AdapterConfig | None = None, *,
-           fixed_rank: int | None = None, seed: int = 0) -> Adapters:
+           fixed_rank: int | None = None, seed: int = 0,
+           slot_init: str | None = None) -> Adapters:
     """Wrap the target modules of ``model`` with LoRA² layers (or fixed-rank LoRA).
 
     ``config`` chooses targets and the rank distribution; with ``fixed_rank`` the layers are
@@ -175,7 +184,8 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, *,
     layers: dict[str, LoRALayer] = {}
     for name in names:
         base = model.get_submodule(name)
-        layer = (LoRALayer(base, fixed_rank, generator=gen) if fixed_rank is not None
+        layer = (LoRALayer(base, fixed_rank, generator=gen,
+                           slot_init=slot_init or "random") if fixed_rank is not None
                  else AdaptiveLoRALayer(base, config, generator=gen))
         _set_child(model, name, layer)
         layers[name] = layer

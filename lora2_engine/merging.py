@@ -24,7 +24,7 @@ import torch
 from .budget import Budget, BudgetError
 from .compress import CompressResult, compress, refactor, save_dtype, serialize
 from .formats.keys import KNOWN_LAYOUTS, OTHER, UNetLayout, as_ldm
-from .formats.lora_file import FAMILY_NAMES, LoraFile, ModuleWeights
+from .formats.lora_file import LoraFile, ModuleWeights, family_names
 from .spectrum import Spectrum
 
 METHODS = ("linear", "ties", "dare")
@@ -107,7 +107,8 @@ def _family(loras: Sequence[LoraFile], labels: Sequence[str]) -> str | None:
     fams = {lab: lora.family() for lab, lora in zip(labels, loras)}
     known = {f for f in fams.values() if f}
     if len(known) > 1:
-        which = ", ".join(f"{lab} is {FAMILY_NAMES.get(f, f)}" for lab, f in fams.items() if f)
+        names = family_names()
+        which = ", ".join(f"{lab} is {names.get(f, f)}" for lab, f in fams.items() if f)
         raise MergeError(f"these LoRAs were made for different base models ({which}): merge "
                          "only LoRAs made for one model family")
     return known.pop() if known else None

@@ -41,7 +41,8 @@ def state_metadata(meta: dict[str, str], path) -> dict[str, Any]:
     for key, kind, default in (("step", int, None), ("data.pos", int, None),
                                ("data.size", int, -1), ("ranks", dict, None),
                                ("history", list, []), ("train_config", dict, None),
-                               ("adapter_config", dict, {})):
+                               ("adapter_config", dict, {}), ("pending", dict, {}),
+                               ("stats", dict, {})):
         raw = meta.get(key)
         if raw is None:
             if default is None:
@@ -59,7 +60,10 @@ def state_metadata(meta: dict[str, str], path) -> dict[str, Any]:
                                 f"{'a count' if kind is int else 'a JSON ' + kind.__name__}; "
                                 "the file was edited or damaged: resume from another state")
         out[key] = value
-    bad = [k for k, v in out["ranks"].items() if not isinstance(v, int) or v < 0]
+    bad = [k for k, v in (*out["ranks"].items(), *out["pending"].items())
+           if not isinstance(v, int) or v < 0]
+    bad += [k for k, v in out["stats"].items()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
     if bad:
         raise LoraFileError(f"{path}: the state's rank of {bad[0]!r} is not a count; the file "
                             "is damaged: resume from another state")

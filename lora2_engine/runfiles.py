@@ -10,7 +10,7 @@ with different names never touch each other's files::
     <name>.state.safetensors        resumable state (on cancel / every N steps); removed at the end
     .<name>.lora2-lock              held while the run lives (the OS releases it if killed)
 
-Usage (what the CLI and ``diffusion.train_unet`` do)::
+Usage (what the CLI and ``diffusion.train_diffusion`` do)::
 
     run = RunFiles.plan(out, name, overwrite=False, resume=None)  # refuses early, writes nothing
     with run.reserved():          # or run.reserve() ... finally: run.release()

@@ -93,6 +93,9 @@ class Trainer:
         self._order = torch.empty(0, dtype=torch.long)
         self._pos = 0
         self._stop: int | None = None  # the signal that asked to stop
+        # running statistics of the objective (checkpointed): the first steps' mean task loss
+        # (task_norm="initial") and the EMA of the squared task gradient of nu ("normalized")
+        self.stats = {"loss_sum": 0.0, "loss_n": 0, "nu_sq": 0.0, "nu_n": 0}
         self._set_checkpointing(adapters.model, config.grad_checkpointing)
         adapters.update_ranks(self.generator)  # D(nu) before the first step
         device = adapters.factor_parameters()[0].device
@@ -140,6 +143,7 @@ class Trainer:
         try:
             rec = self._accumulate_and_step(self.config)
         except self.callbacks.interrupts as exc:
+            self.adapters.clear_pending_grads()
             self.generator.set_state(snapshot[0])
             torch.set_rng_state(snapshot[1])
             self._order, self._pos = snapshot[2], snapshot[3]
@@ -151,6 +155,45 @@ class Trainer:
         apply_resizes(self.optimizer, self.adapters, changes)
         return rec
 
+    NORM_STEPS = 8  # task_norm="initial": the loss unit is the mean of the first 8 losses
+    NU_EMA = 0.99  # nu_signal="normalized": memory of the RMS of nu's task gradient
+
+    def _task_unit(self, task: torch.Tensor) -> float:
+        """The divisor of the task loss: 1, or the running mean of the first losses."""
+        if self.config.task_norm == "none":
+            return 1.0
+        st = self.stats
+        value = float(task.detach())
+        if st["loss_n"] < self.NORM_STEPS and math.isfinite(value):
+            st["loss_sum"] += value
+            st["loss_n"] += 1
+        unit = st["loss_sum"] / max(st["loss_n"], 1)
+        return unit if unit > 0 else 1.0
+
+    @torch.no_grad()
+    def _normalize_nu_grads(self) -> None:
+        """Divide the task part of every nu's gradient by its running RMS over components.
+
+        Adam moves nu by about ``nu_lr`` per step whatever the size of its gradient, so what
+        decides a rank is the *ratio* of the fit's pull to lambda_r's. Measured in units of its
+        own typical size, the fit's pull no longer depends on the loss's units, on how much of
+        the loss is irreducible, or on how far the factors have come (the learning rate).
+        """
+        params = [p for p in self.adapters.nu_parameters() if p.grad is not None]
+        if not params:
+            return
+        g = torch.stack([p.grad.reshape(()) for p in params]).float()
+        scale = float(self._scaler.get_scale()) if self._scaler else 1.0
+        sq = float(g.pow(2).mean()) / scale**2
+        st = self.stats
+        if math.isfinite(sq):
+            st["nu_sq"] = self.NU_EMA * st["nu_sq"] + (1 - self.NU_EMA) * sq
+            st["nu_n"] += 1
+        rms = math.sqrt(st["nu_sq"] / (1 - self.NU_EMA ** max(st["nu_n"], 1)))  # bias-corrected
+        if rms > 0:
+            for p in params:
+                p.grad.div_(rms)
+
     def _accumulate_and_step(self, cfg: TrainConfig) -> dict:
         task_sum, ent_sum = 0.0, 0.0
         for _ in range(cfg.grad_accum):
@@ -160,7 +203,7 @@ class Trainer:
                 self.entropy.clear()
             with self._autocast():
                 task = self.loss_fn(batch, self.generator)
-            loss = task.float()
+            loss = task.float() / self._task_unit(task)
             ent = torch.zeros(())
             if self.entropy is not None and cfg.lambda_e > 0:
                 ent = self.entropy.mean()
@@ -168,6 +211,9 @@ class Trainer:
             self._backward(loss / cfg.grad_accum)
             task_sum += float(task.detach())
             ent_sum += float(ent.detach())
+        self.adapters.init_pending_slots(self.generator)
+        if cfg.nu_signal != "raw":
+            self._normalize_nu_grads()
         reg = rank_penalty(self.adapters)
         if cfg.lambda_r > 0 and reg.requires_grad:
             self._backward(cfg.lambda_r * reg)
@@ -258,13 +304,15 @@ class Trainer:
         """Atomically write the whole state: A, B, nu (full capacity), optimizer, RNG, step."""
         path = Path(path or self.checkpoint_path)
         tensors: dict[str, torch.Tensor] = {}
-        ranks = {}
+        ranks, pending = {}, {}
         for name, layer in self.adapters.layers.items():
             tensors[f"adapter.{name}.A"] = layer.A.detach()
             tensors[f"adapter.{name}.B"] = layer.B.detach()
             if hasattr(layer, "nu_param"):
                 tensors[f"adapter.{name}.nu_param"] = layer.nu_param.detach()
             ranks[name] = layer.rank
+            if layer.pending:
+                pending[name] = layer.pending
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             for key, value in self.optimizer.state.get(p, {}).items():
@@ -274,7 +322,8 @@ class Trainer:
         tensors["data.order"] = self._order
         meta = {"lora2.checkpoint": "1", "step": str(self.step), "data.pos": str(self._pos),
                 "data.size": str(len(self.dataset)),
-                "ranks": json.dumps(ranks), "history": json.dumps(self.history),
+                "ranks": json.dumps(ranks), "pending": json.dumps(pending),
+                "stats": json.dumps(self.stats), "history": json.dumps(self.history),
                 "train_config": json.dumps(to_dict(self.config))}
         if self.adapters.config is not None:
             meta["adapter_config"] = json.dumps(to_dict(self.adapters.config))
@@ -309,7 +358,8 @@ class Trainer:
             warnings.warn(f"resuming {path} with a changed setting: {change}", stacklevel=2)
         keep_order = check_data_size(meta, tensors["data.order"], len(self.dataset), path,
                                      allow_changes)
-        ranks = meta["ranks"]
+        ranks, pending = meta["ranks"], meta["pending"]
+        self.stats.update(meta["stats"])
         with torch.no_grad():
             for name, layer in self.adapters.layers.items():
                 layer.A.data = tensors[f"adapter.{name}.A"].to(layer.A.device).clone()
@@ -317,6 +367,8 @@ class Trainer:
                 if hasattr(layer, "nu_param"):
                     layer.nu_param.copy_(tensors[f"adapter.{name}.nu_param"])
                 layer.rank = int(ranks[name])
+                layer.pending = int(pending.get(name, 0))
+                layer.clear_pending_grad()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.optimizer.state.clear()
         for key, value in tensors.items():

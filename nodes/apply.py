@@ -58,7 +58,8 @@ class ApplyAdaptiveLoRA(io.ComfyNode):
     def execute(cls, model, strength_model, adaptive_lora=None, lora_name=NONE, clip=None,
                 strength_clip=1.0) -> io.NodeOutput:
         lora, state_dict, label = load_choice(adaptive_lora, lora_name)
-        check_family(lora, bridge.layout_of(model.model).family)  # e.g. SD1.5 file on SDXL
+        fam = bridge.model_family(model.model)
+        check_family(lora, fam.name if fam else "other")  # e.g. an SD1.5 file on SDXL
         new_model, new_clip, modules, unmatched = bridge.apply_lora(
             model, clip, state_dict, strength_model, strength_clip)
         text = f"{label}: {len(modules) - len(unmatched)} of {len(modules)} modules applied"

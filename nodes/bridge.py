@@ -7,8 +7,8 @@ folders, and LoRA patches through ComfyUI's own loader. Checked against ComfyUI 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,10 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..lora2_engine import families
+from ..lora2_engine.denoiser import ApplyModelDenoiser
 from ..lora2_engine.formats.io import allow_any_folder, resolve_inside
-from ..lora2_engine.formats.keys import UNetLayout
+from ..lora2_engine.formats.keys import OTHER, UNetLayout
 from .core import Subject, match_peft_names, to_image_batch
 
 log = logging.getLogger("LoRA2")
@@ -59,27 +61,42 @@ def checkpoint_folder() -> Path:
     return Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER
 
 
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
+
+
 # ------------------------------------------------------------------ the model
 @dataclass
 class TrainingModel:
-    """What training needs from a MODEL: the module, the schedule, a denoiser and names."""
+    """What training needs from a MODEL: the denoiser (module + schedule), family, names."""
 
-    module: torch.nn.Module  # the UNet / DiT (``BaseModel.diffusion_model``)
-    model_sampling: object
-    apply_model: Callable[..., torch.Tensor]  # (x_t, sigma, **conds) -> denoised
+    denoiser: ApplyModelDenoiser  # ComfyUI's apply_model over BaseModel.diffusion_model
+    family: families.Family
     device: torch.device
     layout: UNetLayout
     rgb_factors: tuple | None  # latent → RGB preview projection, if the format has one
 
 
+def model_family(base_model) -> families.Family | None:
+    """The pack's family entry for ComfyUI's detected model config (None: not supported)."""
+    names = [c.__name__ for c in type(base_model.model_config).__mro__]
+    return families.from_comfy(names, base_model.model_config.unet_config)
+
+
+def require_family(base_model) -> families.Family:
+    fam = model_family(base_model)
+    if fam is None:
+        detected = type(base_model.model_config).__name__
+        raise ValueError(f"LoRA² has no entry for this model (ComfyUI detects it as {detected}):"
+                         f" it trains {', '.join(f.display for f in families.registry().values())}"
+                         "; see the README, 'Model families'")
+    return fam
+
+
 def layout_of(base_model) -> UNetLayout:
-    """Key-naming layout from ComfyUI's detected model config (SD1.x, SDXL family, other)."""
-    names = {c.__name__ for c in type(base_model.model_config).__mro__}
-    family = "sdxl" if "SDXL" in names else "sd15" if "SD15" in names else "other"
-    cfg = base_model.model_config.unet_config
-    nrb = cfg.get("num_res_blocks") or ()
-    nrb = tuple(nrb) if isinstance(nrb, (list, tuple)) else (nrb,) * len(cfg["channel_mult"])
-    return UNetLayout(family, nrb, cfg.get("transformer_depth_middle", 0) != -2)
+    """Key-naming layout from ComfyUI's detected model config (OTHER for unknown models)."""
+    fam = model_family(base_model)
+    return fam.model_layout(base_model.model_config.unet_config) if fam else OTHER
 
 
 def load_for_training(model) -> TrainingModel:
@@ -89,8 +106,24 @@ def load_for_training(model) -> TrainingModel:
     fmt = base.latent_format
     factors = getattr(fmt, "latent_rgb_factors", None)
     rgb = (factors, getattr(fmt, "latent_rgb_factors_bias", None)) if factors else None
-    return TrainingModel(base.diffusion_model, base.model_sampling, base.apply_model,
-                         mm.get_torch_device(), layout_of(base), rgb)
+    fam = require_family(base)
+    denoiser = ApplyModelDenoiser(base.diffusion_model, base.model_sampling, base.apply_model)
+    return TrainingModel(denoiser, fam, mm.get_torch_device(),
+                         fam.model_layout(base.model_config.unet_config), rgb)
+
+
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI's own switch for differentiable kernels (0.28: Flux RoPE), restored after."""
+    before = getattr(mm, "in_training", None)
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        if before is None:
+            del mm.in_training
+        else:
+            mm.in_training = before
 
 
 @torch.no_grad()
@@ -151,7 +184,7 @@ def encode_latents(model, latents: dict, positive: list) -> list[dict]:
     for i in range(samples.shape[0]):
         cond, extra = positive[i if len(positive) > 1 else 0]
         latent = base.process_latent_in(samples[i: i + 1])
-        enc = {k: v for k, v in extra.items() if k == "pooled_output"}
+        enc = {k: v for k, v in extra.items() if k in ("pooled_output", "guidance")}
         examples.append(_example(base, latent, cond[:1].float().cpu(), enc,
                                  latent.shape[3] * 8, latent.shape[2] * 8))
     return examples

@@ -1,23 +1,21 @@
 """ComfyUI-free glue between the nodes and ``lora2_engine``: plain torch, tested without ComfyUI.
 
 The node modules translate ComfyUI values, ``bridge.py`` reaches into ComfyUI, and everything
-here works on tensors, engine objects and duck-typed callables (a ``model_sampling`` object, an
-``apply_model`` function), so it can be unit-tested with stand-ins.
+here works on tensors and engine objects, so it can be unit-tested without ComfyUI. Training
+itself (loss, noise levels, sampler) is the engine's ``diffusion.train_diffusion``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
-from ..lora2_engine.checkpointing import checkpointed_blocks  # noqa: F401  (re-exported)
 from ..lora2_engine.config import ConfigError, preset
 from ..lora2_engine.formats.lora_file import LoraFile
 
@@ -124,7 +122,7 @@ def match_peft_names(state_dict: dict, known) -> dict:
 def build_configs(preset_name: str, options: dict):
     """``preset(preset_name)`` with the node options that are set (``None`` means preset)."""
     overrides = {k: v for k, v in options.items() if v is not None}
-    if "targets" in overrides:
+    if isinstance(overrides.get("targets"), str):
         overrides["targets"] = tuple(t.strip() for t in overrides["targets"].split(",")
                                      if t.strip())
     try:
@@ -190,74 +188,7 @@ def stackable(examples: list[dict], batch_size: int) -> list[dict]:
     return examples
 
 
-# ------------------------------------------------------------------ the denoising loss
-def output_scale(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``d denoised / d model_output`` per sample (every ComfyUI parameterisation is affine)."""
-    shape = (sigma.shape[0],) + (1,) * (like.ndim - 1)
-    one = torch.ones(shape, dtype=like.dtype, device=like.device)
-    zero = torch.zeros_like(one)
-    return (model_sampling.calculate_denoised(sigma, one, zero)
-            - model_sampling.calculate_denoised(sigma, zero, zero))
-
-
-def sample_sigmas(model_sampling, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` noise levels uniform in the model's own timestep schedule (``percent_to_sigma``)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    sig = [float(model_sampling.percent_to_sigma(float(p))) for p in u]
-    lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
-    return torch.tensor(sig, dtype=torch.float32).clamp(lo, hi)
-
-
-def denoising_loss(apply_model: Callable[..., torch.Tensor], model_sampling):
-    """MSE between the model's raw output and its own target (eps, v, flow velocity, x0...).
-
-    ``apply_model(x_t, sigma, **conds)`` returns ComfyUI's *denoised* estimate, which is affine
-    in the raw output with slope ``output_scale``; dividing the x0 error by that slope gives
-    exactly ``output - target`` for any prediction type (method.md §2, Eq. 11), so one loss
-    serves every model family ComfyUI loads.
-    """
-    from ..lora2_engine.objective import mse_target
-
-    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        x0 = batch["latents"]
-        sigma = sample_sigmas(model_sampling, x0.shape[0], generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
-        x_t = model_sampling.noise_scaling(sigma, noise, x0)
-        conds = {k: v for k, v in batch.items() if k != "latents" and torch.is_tensor(v)}
-        denoised = apply_model(x_t, sigma, **conds).float()
-        err = (denoised - x0.float()) / output_scale(model_sampling, sigma, denoised)
-        return mse_target(err, torch.zeros_like(err))
-
-    return loss
-
-
-@torch.no_grad()
-def euler_sample(apply_model: Callable[..., torch.Tensor], model_sampling, conds: dict,
-                 shape: tuple[int, ...], steps: int, seed: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """A few Euler steps from pure noise (training previews; cfg 1, no negative prompt)."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(shape, generator=g).to(device)
-    hi = float(model_sampling.sigma_max)
-    sig = [min(float(model_sampling.percent_to_sigma(i / steps)), hi) for i in range(steps)]
-    sigmas = torch.tensor(sig + [0.0], dtype=torch.float32, device=device)
-    x = model_sampling.noise_scaling(sigmas[:1].expand(shape[0]), noise,
-                                     torch.zeros_like(noise), max_denoise=True)
-    for i in range(steps):
-        s = sigmas[i].expand(shape[0])
-        denoised = apply_model(x, s, **conds).float()
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-# ------------------------------------------------------------------ training run
-@dataclass
-class TrainResult:
-    lora: LoraFile
-    history: list[dict]
-    ranks: dict[str, int]
-
-
+# ------------------------------------------------------------------ torch plumbing
 def _is_inference(t: torch.Tensor) -> bool:
     """True for inference tensors, including a Parameter created in inference mode whose
     ``.data`` was later replaced (``module.to(device)``): it still has no version counter."""
@@ -291,53 +222,6 @@ def release_inference_tensors(model: torch.nn.Module) -> int:
                     module._buffers[name] = b.clone()
                     count += 1
     return count
-
-
-def _fingerprint(model: torch.nn.Module) -> tuple[dict[str, int], float]:
-    mods = {n: id(m) for n, m in model.named_modules()}
-    total = 0.0
-    with torch.no_grad():
-        for p in model.parameters():
-            total += float(p.detach().float().sum())
-    return mods, total
-
-
-def train_adapters(module: torch.nn.Module, examples: list[dict], loss_fn, adapter_cfg,
-                   train_cfg, export_cfg, layout, *, callbacks=None, checkpoint_path=None,
-                   resume: str | Path | None = None, out_file: Path | None,
-                   extra_metadata: dict | None = None, checkpointing: bool = False) -> TrainResult:
-    """Attach, train, export (to ``out_file`` when given), detach; ``module`` ends unchanged.
-
-    The module tree and the sum of every weight are compared before and after; a difference
-    raises (it would mean the caller's MODEL was altered, which must never happen).
-    """
-    from ..lora2_engine.formats import adapters_to_lora, write_lora
-    from ..lora2_engine.inject import attach
-    from ..lora2_engine.objective import EntropyCapture
-    from ..lora2_engine.trainer import Trainer
-
-    release_inference_tensors(module)
-    before = _fingerprint(module)
-    adapters = attach(module, adapter_cfg, seed=train_cfg.seed)
-    entropy = EntropyCapture(module)
-    try:
-        with checkpointed_blocks(module) if checkpointing else contextlib.nullcontext():
-            trainer = Trainer(adapters, loss_fn, examples, train_cfg, entropy=entropy,
-                              checkpoint_path=checkpoint_path, callbacks=callbacks)
-            if resume:
-                trainer.load_checkpoint(resume)
-            history = trainer.run()
-        lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
-                                extra_metadata)
-        if out_file is not None:
-            lora.path = write_lora(lora, out_file, overwrite=export_cfg.overwrite)
-        ranks = adapters.ranks()
-    finally:
-        entropy.remove()
-        adapters.detach()
-    if _fingerprint(module) != before:
-        raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
-    return TrainResult(lora, history, ranks)
 
 
 # ------------------------------------------------------------------ pictures

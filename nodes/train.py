@@ -1,7 +1,9 @@
 """TrainAdaptiveLoRA: MODEL + CLIP + VAE + SUBJECT → ADAPTIVE_LORA (and a file in models/loras).
 
-The incoming MODEL is never changed: adapters are attached to its UNet for the run and
-detached in ``finally``, and ``core.train_adapters`` verifies the module tree and weights.
+The run is the engine's ``diffusion.train_diffusion`` on ComfyUI's own denoiser (the MODEL's
+``apply_model`` and ``model_sampling``, from ``bridge``): no loss or sampler lives here. The
+incoming MODEL is never changed: adapters are attached for the run and detached in
+``finally``, and the engine verifies the module tree and weights afterwards.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from comfy_api.latest import io
 
 from ..lora2_engine.config import DEFAULT_PRESET, PRESETS, ExportConfig, preset
+from ..lora2_engine.diffusion import preview, train_diffusion
 from ..lora2_engine.formats.io import check_can_create, resolve_inside
+from ..lora2_engine.precision import ADAPTER_DTYPES, TRAINING_DTYPES, PrecisionConfig
 from ..lora2_engine.report import loss_figure
 from ..lora2_engine.trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
 from . import bridge, core
@@ -30,10 +34,11 @@ from .types import (
 
 PREVIEW_STEPS = 20
 STATE = ".state.safetensors"  # resumable training state, in output/lora2_checkpoints
-TARGETS = "to_q,to_k,to_v,to_out.0"
-# Styles whose keys stock ComfyUI maps for every UNet family. The engine's "diffusers" (PEFT)
-# names are not mapped by ComfyUI's LoRA loader (only the old attention-processor names are).
-COMFY_KEY_STYLES = ["kohya", "comfy"]
+TARGETS = "attention"
+# diffusers (PEFT) names load in stock ComfyUI only for some families (Flux: yes; SD1.5/SDXL:
+# no, ComfyUI maps only the old attention-processor names); the family entry says which.
+KEY_STYLES = ["kohya", "comfy", "diffusers"]
+CHECKPOINTING = ["auto", "on", "off"]
 
 
 # The method's numbers a preset sets: widget name -> (config field, "adapter" or "train").
@@ -68,9 +73,10 @@ def _inputs() -> list:
                               tooltip="with latents: one conditioning, or one per latent"),
         with_options(io.Combo.Input(
             "preset", options=sorted(PRESETS), default=DEFAULT_PRESET,
-            tooltip="spread: ranks differ a lot (default); paper: the paper's SDXL settings. "
-                    "Choosing one sets learning_rate and the advanced rank settings to its "
-                    "values"), lora2_presets=preset_values()),
+            tooltip="spread (default): the pack's settings, chosen on the rank-recovery "
+                    "benchmark; paper: the paper's SDXL settings as written. Choosing one sets "
+                    "learning_rate and the advanced rank settings to its values"),
+            lora2_presets=preset_values()),
         I("steps", default=500, min=1, max=100000,
           tooltip="optimizer steps: 500-1500 for a subject on a GPU; the shipped CPU demo "
                   "workflow uses 20 with a tiny model"),
@@ -109,20 +115,29 @@ def _inputs() -> list:
           tooltip="steps whose gradients add up before one update: a larger batch without "
                   "its memory"),
         io.String.Input("targets", default=TARGETS, optional=True,
-                        tooltip="comma-separated module name suffixes to adapt"),
-        io.Combo.Input("key_style", options=COMFY_KEY_STYLES, default="kohya", optional=True,
+                        tooltip="attention: the model family's attention projections; "
+                                "attention+mlp: also the MLPs; or comma-separated module name "
+                                "suffixes"),
+        io.Combo.Input("key_style", options=KEY_STYLES, default="kohya", optional=True,
                        tooltip="kohya: loads in ComfyUI, A1111/Forge, kohya, diffusers; comfy: "
-                               "ComfyUI's own names"),
+                               "ComfyUI's own names; diffusers: PEFT names (stock ComfyUI "
+                               "loads them for Flux only)"),
         io.Combo.Input("save_dtype", options=["float32", "float16", "bfloat16"],
                        default="float32", optional=True,
                        tooltip="number format of the saved file: float16 halves its size"),
-        io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                         tooltip="recompute activations during the backward pass: less "
-                                 "memory, slower steps"),
+        io.Combo.Input("gradient_checkpointing", options=CHECKPOINTING, default="auto",
+                       optional=True, tooltip="recompute activations during the backward "
+                       "pass: less memory, slower steps. auto: on for DiTs (Flux), off for "
+                       "UNets"),
         I("checkpoint_every", default=0, min=0, max=100000, optional=True,
           tooltip="save a resumable state every N steps (0 = only on cancel)"),
         io.String.Input("resume", default="", optional=True,
                         tooltip="a .state.safetensors in output/lora2_checkpoints to continue"),
+        io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
+                       optional=True, tooltip="autocast of each step. auto: bf16 on GPUs that "
+                       "have it (else fp16 + loss scaling), fp32 on the CPU (faster there)"),
+        io.Combo.Input("adapter_dtype", options=list(ADAPTER_DTYPES), default="fp32",
+                       optional=True, tooltip="dtype of the trained A/B matrices"),
     ]
     return basic + [advanced(i) for i in rare]
 
@@ -144,34 +159,49 @@ class TrainAdaptiveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, steps, seed, filename, clip=None, vae=None, subject=None,
-                latents=None, positive=None, learning_rate=None, r_target=None,
-                init_rank=None, r_max=None, lambda_r=None, lambda_e=None, nu_lr=None,
-                batch_size=1, grad_accum=1, targets=TARGETS, key_style="kohya",
-                save_dtype="float32", gradient_checkpointing=False, checkpoint_every=0,
-                preview_every=0, resume="") -> io.NodeOutput:
-        given = dict(learning_rate=learning_rate, r_target=r_target, init_rank=init_rank,
-                     r_max=r_max, lambda_r=lambda_r, lambda_e=lambda_e, nu_lr=nu_lr)
-        adapter_cfg, train_cfg = core.build_configs(preset, dict(
-            steps=steps, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
-            targets=targets, checkpoint_every=checkpoint_every,
-            **{PRESET_WIDGETS[k][0]: v for k, v in given.items()}))
+                latents=None, positive=None, key_style="kohya", save_dtype="float32",
+                preview_every=0, resume="", training_dtype="auto", adapter_dtype="fp32",
+                **options) -> io.NodeOutput:
+        family = bridge.require_family(model.model)
+        family.check_key_style(key_style, in_comfyui=True)
+        given = {k: options.pop(k, None) for k in PRESET_WIDGETS}
+        adapter_cfg, train_cfg = _configs(family, preset, steps, seed, given, options)
+        precision = PrecisionConfig(training_dtype, adapter_dtype)
+        precision.resolve(bridge.compute_device())  # refuse e.g. fp16 on a CPU before work
         export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
         out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
         examples = core.stackable(bridge.training_examples(model, clip, vae, subject, latents,
-                                                           positive), batch_size)
+                                                           positive), train_cfg.batch_size)
         t0 = time.perf_counter()
         result, previews = _train(model, examples, adapter_cfg, train_cfg, export_cfg, out,
-                                  gradient_checkpointing, preview_every, resume)
+                                  preview_every, resume, precision)
         lora = core.AdaptiveLora(result.lora, out.stem if out else "in-memory", out,
                                  result.history)
         curve = core.figure_to_image(loss_figure(result.history, f"{lora.name}: loss"))
         bridge.Progress(train_cfg.steps).update(train_cfg.steps, curve)  # last preview: curve
-        text = _status(out, result, preset, given, time.perf_counter() - t0)
+        text = _status(out, result, family, preset, given, time.perf_counter() - t0)
         return io.NodeOutput(lora, curve, previews if previews is not None else curve,
                              ui=show(cls, text, curve))
 
 
-def _status(out: Path | None, result, preset_name: str, given: dict, seconds: float) -> str:
+def _configs(family, preset_name: str, steps: int, seed: int, given: dict, options: dict):
+    """Adapter and training configs from the preset, the method widgets that are set
+    (``given``; ``None`` = the preset's) and the other options (targets and gradient
+    checkpointing resolved for the model's family)."""
+    o = options
+    ckpt = o.get("gradient_checkpointing", "auto")
+    adapter_cfg, train_cfg = core.build_configs(preset_name, dict(
+        steps=steps, seed=seed, batch_size=o.get("batch_size", 1),
+        grad_accum=o.get("grad_accum", 1), checkpoint_every=o.get("checkpoint_every", 0),
+        targets=family.resolve_targets(o.get("targets", TARGETS)),
+        grad_checkpointing={"on": True, "off": False}.get(ckpt, family.grad_checkpointing),
+        **{PRESET_WIDGETS[k][0]: v for k, v in given.items()}))
+    family.check_entropy(train_cfg.lambda_e)
+    return adapter_cfg, train_cfg
+
+
+def _status(out: Path | None, result, family, preset_name: str, given: dict,
+            seconds: float) -> str:
     """What the node shows when training ends: one fact per short line."""
     ranks = list(result.ranks.values())
     hist = result.history
@@ -181,7 +211,7 @@ def _status(out: Path | None, result, preset_name: str, given: dict, seconds: fl
     return "\n".join([
         f"saved models/loras/{where.as_posix()}" if where else
         "not saved (no filename): the LoRA is only in memory",
-        f"{len(ranks)} components, ranks {min(ranks)}..{max(ranks)} "
+        f"{family.display}: {len(ranks)} components, ranks {min(ranks)}..{max(ranks)} "
         f"(mean {sum(ranks) / len(ranks):.1f})",
         f"{hist[-1]['step']} steps in {seconds:.0f} s, task loss {hist[0]['task']:.4f} -> "
         f"{hist[-1]['task']:.4f}",
@@ -189,8 +219,8 @@ def _status(out: Path | None, result, preset_name: str, given: dict, seconds: fl
 
 
 def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None,
-           checkpointing: bool, preview_every: int, resume: str):
-    """Run the engine's trainer on the MODEL's UNet with ComfyUI's schedule and progress."""
+           preview_every: int, resume: str, precision: PrecisionConfig | None = None):
+    """The engine's training path on ComfyUI's denoiser, with ComfyUI's progress and cancel."""
     stem = out.stem if out else f"lora2_{uuid.uuid4().hex[:8]}"
     resume_path = _resume_path(resume)
     state = bridge.checkpoint_folder() / f"{stem}{STATE}"
@@ -198,17 +228,15 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
         state = core.free_path(bridge.checkpoint_folder(), stem, STATE)  # keep older states
     check_can_create([p for p in (out, state) if p])  # writable, names fit: before training
     progress, previews = bridge.Progress(train_cfg.steps), []
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), bridge.training_mode():
         target = bridge.load_for_training(model)
+        core.release_inference_tensors(target.denoiser.module)
         data = bridge.to_device(examples, target.device)
         first = {k: v[None] for k, v in data[0].items() if k != "latents"}
 
         def on_preview(trainer) -> None:
-            trainer.entropy.enabled = False
-            lat = core.euler_sample(target.apply_model, target.model_sampling, first,
-                                    (1, *data[0]["latents"].shape), PREVIEW_STEPS,
-                                    train_cfg.seed, target.device)
-            trainer.entropy.enabled = True
+            lat = preview(trainer, target.denoiser, first, tuple(data[0]["latents"].shape),
+                          PREVIEW_STEPS, train_cfg.seed, target.device)
             img = bridge.latent_preview(lat, target.rgb_factors)
             if img is not None:
                 previews.append(img)
@@ -222,12 +250,10 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
         bridge.log.info("LoRA² training %s: %d examples, %d steps", stem, len(data),
                         train_cfg.steps)
         try:
-            result = core.train_adapters(
-                target.module, data, core.denoising_loss(target.apply_model,
-                                                         target.model_sampling),
-                adapter_cfg, train_cfg, export_cfg, target.layout, callbacks=callbacks,
-                checkpoint_path=state, resume=resume_path, out_file=out,
-                checkpointing=checkpointing,
+            result = train_diffusion(
+                target.denoiser, data, target.family, adapter_cfg, train_cfg, export_cfg,
+                layout=target.layout, callbacks=callbacks, checkpoint_path=state,
+                resume=resume_path, out_file=out, precision=precision,
                 extra_metadata={"lora2.name": stem, "ss_output_name": stem,
                                 "lora2.trained_in": "ComfyUI"})
         except TrainingInterrupted as exc:
@@ -235,7 +261,6 @@ def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None
             raise bridge.interrupted() from exc
         except NonFiniteLoss as exc:
             raise RuntimeError(f"LoRA²: {exc}") from None
-    state.unlink(missing_ok=True)
     batch = torch.cat(previews) if previews else None
     return result, batch
 

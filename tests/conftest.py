@@ -48,3 +48,14 @@ class TinyAttnNet(torch.nn.Module):
 @pytest.fixture
 def attn_net():
     return TinyAttnNet()
+
+
+def activate_slots(layer, generator=None) -> None:
+    """Tests that fake a trained adapter (random B) need A rows: gradient-initialised slots
+    are zero until a backward pass, so give them the Gaussian rows random init would."""
+    if layer.pending:
+        r0 = layer.rank - layer.pending
+        std = layer.init_std()
+        rows = torch.randn(layer.pending, layer.n, generator=generator) * std
+        layer.A.data[r0:layer.rank] = rows.to(layer.A)
+        layer.pending = 0

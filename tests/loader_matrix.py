@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from lora2_engine import AdapterConfig, ExportConfig, attach  # noqa: E402
-from lora2_engine.diffusion import layout_of  # noqa: E402, F401  (tests/comfyui uses it)
+from lora2_engine.families import get  # noqa: E402
 from lora2_engine.formats.keys import UNetLayout  # noqa: E402
 from lora2_engine.formats.lora_file import adapters_to_lora, write_lora  # noqa: E402
 
@@ -56,6 +56,13 @@ def mixed_adapters(unet: torch.nn.Module, seed: int = 0):
     return ad
 
 
+def layout_of(unet: torch.nn.Module) -> UNetLayout:
+    """The key layout of a tiny stand-in UNet, as the CLI's model loader finds it."""
+    from lora2_engine.models.tiny import unet_config
+
+    return get(unet.spec.family).model_layout(unet_config(unet))
+
+
 def truth(adapters) -> dict[str, torch.Tensor]:
     """``B Lambda A`` per module name, from the layers (never from a file)."""
     with torch.no_grad():
@@ -66,10 +73,12 @@ def truth(adapters) -> dict[str, torch.Tensor]:
 def write_conventions(adapters, layout: UNetLayout, folder: Path) -> dict[str, Path]:
     """The same adapters in every convention: ``{convention: file}``."""
     folder.mkdir(parents=True, exist_ok=True)
-    ours = adapters_to_lora(adapters, ExportConfig(key_style="kohya"), layout)
+    exact = {"rank_tol": 0}  # the trained factors, not their numerical-rank truncation
+    ours = adapters_to_lora(adapters, ExportConfig(key_style="kohya", **exact), layout)
     out = {"one alpha": write_lora(ours, folder / "one_alpha.safetensors"),
-           "diffusers": write_lora(adapters_to_lora(adapters, ExportConfig(key_style="diffusers"),
-                                                    layout), folder / "diffusers.safetensors")}
+           "diffusers": write_lora(adapters_to_lora(
+               adapters, ExportConfig(key_style="diffusers", **exact), layout),
+               folder / "diffusers.safetensors")}
     per_rank = {k: w.with_alpha(w.rank) for k, w in ours.modules.items()}
     meta = dict(ours.metadata, ss_network_alpha=str(max(w.rank for w in per_rank.values())))
     tensors = {}

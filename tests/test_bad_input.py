@@ -32,6 +32,7 @@ from lora2_engine.formats import LoraFileError, read_lora
 from lora2_engine.formats.io import OutsideFolderError, resolve_inside, safe_output_path
 from lora2_engine.formats.lora_file import check_family, export_adapters
 from lora2_engine.merge import PadRankError, pad_lora
+from tests.conftest import activate_slots
 
 DOG = Path(__file__).resolve().parents[1] / "assets" / "dreambooth" / "dog" / "00.jpg"
 
@@ -55,8 +56,9 @@ def _lora(path: Path, family="sdxl", meta=True, **kw) -> Path:
     from tests.conftest import TinyAttnNet
 
     net = TinyAttnNet()
-    ad = attach(net, AdapterConfig(r_target=2, init_rank=3, r_max=16))
+    ad = attach(net, AdapterConfig(r_target=2, init_rank=3, r_max=16, slot_init="random"))
     for layer in ad.layers.values():
+        activate_slots(layer, None)
         layer.B.data.normal_()
     from lora2_engine.formats.keys import UNetLayout
 
@@ -721,7 +723,7 @@ def _raise_in(monkeypatch, where: str, exc: BaseException) -> None:
         raise exc
 
     target = {"load_subject": (data, "load_subject"), "load_model": (loader, "load_model"),
-              "train": (diffusion, "train_unet")}[where]
+              "train": (diffusion, "train_diffusion")}[where]
     monkeypatch.setattr(*target, boom)
 
 

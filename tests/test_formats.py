@@ -16,6 +16,7 @@ from lora2_engine.formats.keys import (
     ldm_to_diffusers,
 )
 from lora2_engine.formats.lora_file import export_adapters
+from tests.conftest import activate_slots
 
 
 def _trained(attn_net, ranks=(1, 3, 7)):
@@ -23,6 +24,7 @@ def _trained(attn_net, ranks=(1, 3, 7)):
     g = torch.Generator().manual_seed(3)
     for i, layer in enumerate(ad.layers.values()):
         layer.resize(ranks[i % len(ranks)])
+        activate_slots(layer, g)
         layer.B.data.normal_(generator=g)
         layer.nu_param.data += 0.1 * i
     return ad

@@ -3,6 +3,7 @@ import torch
 
 from lora2_engine import AdapterConfig, attach
 from lora2_engine.layer import AdaptiveLoRALayer
+from tests.conftest import activate_slots
 
 
 def test_attach_finds_default_targets_and_detach_restores_bit_for_bit(attn_net):
@@ -10,11 +11,12 @@ def test_attach_finds_default_targets_and_detach_restores_bit_for_bit(attn_net):
     modules_before = dict(attn_net.named_modules())
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
     y0 = attn_net(x, ctx)
-    ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=4, r_max=32))
+    ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=4, r_max=32, slot_init="random"))
     assert len(ad) == 16  # 2 blocks x 2 attentions x q,k,v,out
     assert all(isinstance(m, AdaptiveLoRALayer) for _, m in ad)
     assert not any(p.requires_grad for n, p in attn_net.named_parameters() if ".base." in n)
     for layer in ad.layers.values():
+        activate_slots(layer, None)
         layer.B.data.normal_()
     assert not torch.allclose(attn_net(x, ctx), y0)
     ad.detach()
@@ -50,7 +52,7 @@ def test_fixed_rank_baseline(attn_net):
 
 
 def test_cached_scales_match_each_layers_own_and_carry_gradient(attn_net):
-    ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=4, r_max=32))
+    ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=4, r_max=32, slot_init="random"))
     for i, layer in enumerate(ad.layers.values()):
         layer.nu_param.data += 0.2 * i
     ad.update_ranks()

@@ -5,6 +5,7 @@ from torch.utils.checkpoint import checkpoint
 from lora2_engine import AdapterConfig, attach
 from lora2_engine.distribution import nu_for_rank
 from lora2_engine.objective import EntropyCapture, attention_entropy, mse_target, rank_penalty
+from tests.conftest import activate_slots
 
 
 def _direct_entropy(q, k, heads):
@@ -54,6 +55,7 @@ def test_capture_sees_only_cross_attention(attn_net):
 def test_capture_survives_non_reentrant_checkpointing(attn_net):
     ad = attach(attn_net, AdapterConfig(r_target=2, init_rank=3, r_max=16))
     for layer in ad.layers.values():
+        activate_slots(layer, None)
         layer.B.data.normal_(std=0.1)
     cap = EntropyCapture(attn_net)
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 12)

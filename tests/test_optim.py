@@ -5,7 +5,8 @@ from lora2_engine.optim import apply_resizes, make_optimizer
 
 
 def test_moments_follow_resizes(attn_net):
-    ad = attach(attn_net, AdapterConfig(targets=("attn1.to_q",), init_rank=4, r_max=64))
+    ad = attach(attn_net, AdapterConfig(targets=("attn1.to_q",), init_rank=4, r_max=64,
+                                    slot_init="random"))
     opt = make_optimizer(ad, TrainConfig(lr=1e-2, nu_lr=1e-2))
     assert [g["name"] for g in opt.param_groups] == ["factors", "nu"]
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
@@ -31,7 +32,8 @@ def test_moments_follow_resizes(attn_net):
 
 
 def test_shrink_then_regrow_reinitialises(attn_net):
-    ad = attach(attn_net, AdapterConfig(targets=("attn1.to_q",), init_rank=6, r_max=64))
+    ad = attach(attn_net, AdapterConfig(targets=("attn1.to_q",), init_rank=6, r_max=64,
+                                    slot_init="random"))
     opt = make_optimizer(ad, TrainConfig(lr=1e-2))
     name, layer = next(iter(ad))
     layer.B.data.normal_()

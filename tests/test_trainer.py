@@ -5,7 +5,7 @@ from lora2_engine import AdapterConfig, TrainConfig, attach
 from lora2_engine.distribution import nu_for_rank
 from lora2_engine.objective import EntropyCapture
 from lora2_engine.trainer import Callbacks, NonFiniteLoss, Trainer, TrainingInterrupted
-from tests.conftest import TinyAttnNet
+from tests.conftest import TinyAttnNet, activate_slots
 
 
 def _task(seed=0, n=8):
@@ -161,8 +161,9 @@ def test_grad_checkpointing_wraps_blocks_of_models_without_a_switch():
             h = b(h)
         return h.pow(2).mean()
 
-    ad = attach(model, AdapterConfig(targets=("0",), init_rank=2))
+    ad = attach(model, AdapterConfig(targets=("0",), init_rank=2, slot_init="random"))
     for layer in ad.layers.values():
+        activate_slots(layer, None)
         layer.B.data.normal_()
     forward().backward()
     plain = [p.grad.clone() for p in ad.factor_parameters()]

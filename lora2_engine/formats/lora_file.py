@@ -26,9 +26,10 @@ from .io import (
     parse_json_metadata,
     tensors_bytes,
 )
-from .keys import KNOWN_LAYOUTS, OTHER, UNetLayout, file_key
+from .keys import KNOWN_LAYOUTS, OTHER, UNetLayout
 
 FORMAT_VERSION = "1"
+_COMPONENTS = ("unet.", "transformer.")  # diffusers' PEFT prefixes
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SUFFIXES = {  # file suffix → (style family, role)
     ".lora_down.weight": ("kohya", "down"), ".lora_up.weight": ("kohya", "up"),
@@ -37,8 +38,6 @@ _SUFFIXES = {  # file suffix → (style family, role)
     ".alpha": (None, "alpha"),
 }
 FILE_ALPHA = 1.0  # the one alpha of every module in the kohya/ComfyUI-style files we write
-_BASE_VERSIONS = {"sd15": ("sd_v1", "stable-diffusion-v1/lora"),
-                  "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
 
 
 @dataclass
@@ -146,15 +145,25 @@ class LoraFile:
         for key, w in self.modules.items():
             if "attn2" in key and ("to_k" in key or "to_v" in key):
                 return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(w.down.flatten(1).shape[1])
+        from ..families import registry
+
+        for fam in registry().values():  # DiTs: module names no other family uses
+            if fam.file_signature and any(sig in k for k in self.modules
+                                          for sig in fam.file_signature):
+                return fam.name
         return None
 
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL"}
+def family_names() -> dict[str, str]:
+    from ..families import registry
+
+    return {"sd2": "SD2", **{f.name: f.display for f in registry().values()}}
 
 
 def check_family(lora: LoraFile, family: str) -> None:
     """Refuse a LoRA made for another base-model family (e.g. an SD1.5 file on SDXL)."""
     have = lora.family()
+    FAMILY_NAMES = family_names()  # noqa: N806
     if have and family in FAMILY_NAMES and have in FAMILY_NAMES and have != family:
         raise LoraFileError(
             f"{lora.path or 'this LoRA'} was made for {FAMILY_NAMES[have]} but the model is "
@@ -186,21 +195,23 @@ def lora_bytes(lora: LoraFile) -> bytes:
 
 
 def _peft_config(lora: LoraFile) -> dict[str, Any]:
-    """diffusers' ``lora_adapter_metadata``: a PEFT LoraConfig packed under the ``unet.`` prefix.
+    """diffusers' ``lora_adapter_metadata``: a PEFT LoraConfig packed under the component's
+    prefix (``unet.`` for UNets, ``transformer.`` for DiTs).
 
     One ``r`` (the most common rank) plus ``rank_pattern``/``alpha_pattern`` for the rest, with
     alpha = rank everywhere, so every module gets scale 1 (diffusers uses this config as given).
     """
     from collections import Counter
 
-    names = {k.removeprefix("unet."): w for k, w in lora.modules.items()}
+    component = next(iter(lora.modules)).split(".", 1)[0]
+    names = {k.removeprefix(component + "."): w for k, w in lora.modules.items()}
     r0 = Counter(w.rank for w in names.values()).most_common(1)[0][0]
     cfg = {"r": r0, "lora_alpha": r0,
            "target_modules": sorted(names),
            "rank_pattern": {n: w.rank for n, w in names.items() if w.rank != r0},
            "alpha_pattern": {n: w.rank * w.scale for n, w in names.items()
                              if w.rank * w.scale != r0}}
-    return {f"unet.{k}": v for k, v in cfg.items()}
+    return {f"{component}.{k}": v for k, v in cfg.items()}
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
@@ -327,11 +338,11 @@ def _apply_peft_alphas(modules: dict[str, ModuleWeights], meta: dict[str, str], 
     raw = parse_json_metadata(meta, "lora_adapter_metadata", path)
     if not isinstance(raw, dict):
         return
-    cfg = {k.removeprefix("unet."): v for k, v in raw.items()}
+    cfg = {k.split(".", 1)[1] if k.startswith(_COMPONENTS) else k: v for k, v in raw.items()}
     alphas, ranks = cfg.get("alpha_pattern") or {}, cfg.get("rank_pattern") or {}
     for prefix, w in modules.items():
         if w.alpha is None:  # PEFT: scale = alpha_pattern.get(m, lora_alpha) / rank_pattern...
-            name = prefix.removeprefix("unet.")
+            name = prefix.split(".", 1)[1] if prefix.startswith(_COMPONENTS) else prefix
             alpha = alphas.get(name, cfg.get("lora_alpha", w.rank))
             w.alpha = float(alpha) * w.rank / float(ranks.get(name, cfg.get("r", w.rank)))
 
@@ -351,12 +362,15 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
 
     ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)`` at scale 1, then stored with the style's
     :func:`file_alpha`: every loader computes exactly ``B Lambda A`` for every module,
-    whatever its rank.
+    whatever its rank. Modules are named by the family of ``layout`` in the export's key
+    style; a fused module that the style stores as several (diffusers' to_q/to_k/to_v of
+    Flux's qkv) gets the same ``A'`` in every part and ``B'`` split by rows, which is exact.
     """
     from ..config import ExportConfig, to_dict
 
     export = export or ExportConfig()
     dtype = _DTYPES[export.dtype]
+    naming = _naming(layout.family)
     modules: dict[str, ModuleWeights] = {}
     record: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
@@ -364,20 +378,65 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
             s = layer.slot_scale().float().sqrt()
             a = layer.A[: layer.rank].float() * s[:, None]  # (D, n)
             b = layer.B[:, : layer.rank].float() * s[None, :]  # (m, D)
-            if layer.is_conv:
-                a, b = a[:, :, None, None], b[:, :, None, None]
-            key = file_key(name, export.key_style, layout)
-            modules[key] = ModuleWeights(a, b, float(layer.rank)).with_alpha(
-                file_alpha(export.key_style, layer.rank), dtype)
-            rec = {"key": key, "rank": layer.rank, "m": layer.m, "n": layer.n}
+            rank = layer.rank
+            if export.rank_tol > 0:  # the update's numerical rank, not the training capacity
+                b, a, rank = _numerical_rank(b, a, export.rank_tol)
+            parts = naming.file_keys(name, export.key_style, layout, layer.m, layer.n)
+            rec = {"key": parts[0][0], "rank": rank, "trained_rank": layer.rank, "m": layer.m,
+                   "n": layer.n}
+            if len(parts) > 1:
+                rec["split"] = [[k, list(r)] for k, r in parts]
             if hasattr(layer, "nu_param"):
                 rec["nu"] = float(layer.nu)
             record[name] = rec
+            if rank == 0:  # Delta W is exactly zero: nothing to write, the record says so
+                continue
+            if layer.is_conv:
+                a, b = a[:, :, None, None], b[:, :, None, None]
+            for key, rows in parts:  # split parts own their tensors (no shared storage)
+                up = b if rows is None else b[rows[0]: rows[1]].clone()
+                down = a if rows is None else a.clone()
+                modules[key] = ModuleWeights(down, up, float(rank)).with_alpha(
+                    file_alpha(export.key_style, rank), dtype)
+    if not modules:  # a file needs one module: keep the first, at rank 1 with zero factors
+        name, layer = next(iter(adapters.layers.items()))
+        key = record[name]["key"]
+        shape = (1, layer.n, 1, 1) if layer.is_conv else (1, layer.n)
+        modules[key] = ModuleWeights(torch.zeros(shape, dtype=dtype),
+                                     torch.zeros((layer.m, *shape[:1], *shape[2:]), dtype=dtype),
+                                     1.0)
+        record[name]["rank"] = 1
     meta = _metadata(adapters, record, layout, train_config, steps, export)
     meta["lora2.export_config"] = json.dumps(to_dict(export))
     set_metadata(meta, network_metadata(modules))
+    if any("split" in r for r in record.values()):
+        meta["lora2.split"] = ("fused modules are stored split by rows, the same lora_A in "
+                               "every part (exact); lora2.modules lists the parts")
     meta.update(extra_metadata or {})
     return LoraFile(modules, export.key_style, meta)
+
+
+def _naming(family: str):
+    """The key naming of ``family``; unknown families get the generic UNet rules."""
+    from ..families import find
+    from ..families.base import UNetNaming
+
+    fam = find(family)
+    return fam.naming if fam is not None else UNetNaming()
+
+
+def _numerical_rank(up: torch.Tensor, down: torch.Tensor, tol: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The smallest-rank factors of ``up @ down`` within relative Frobenius error ``tol``
+    (exact SVD through the thin factors); rank 0 when the update is zero."""
+    from ..spectrum import Spectrum
+
+    spec = Spectrum.from_factors(up, down)
+    rank = next(k for k in range(spec.s.numel() + 1) if spec.rel_error(k) <= tol)
+    if rank == 0:
+        return up[:, :0], down[:0], 0
+    up, down = spec.factors(rank)
+    return up, down, rank
 
 
 def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str, str]:
@@ -407,16 +466,26 @@ def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str
         meta["lora2.steps"] = str(steps)
         meta["ss_steps"] = str(steps)
         meta["ss_max_train_steps"] = str(steps)
-    if layout.family in _BASE_VERSIONS and layout != KNOWN_LAYOUTS[layout.family]:
+    fam = _family(layout.family)
+    if fam is not None and fam.kohya_version and layout != KNOWN_LAYOUTS.get(layout.family,
+                                                                               layout):
         # e.g. the tiny stand-ins: SDXL key names, but not SDXL's blocks: claim no base model
         meta["lora2.base_model"] = (
-            f"not the {FAMILY_NAMES[layout.family]} base model: a {FAMILY_NAMES[layout.family]}"
-            f"-family UNet with {list(layout.num_res_blocks)} res blocks per level (e.g. a "
-            "tiny test stand-in); use it only with the model it was trained on")
-    elif layout.family in _BASE_VERSIONS:
-        ver, arch = _BASE_VERSIONS[layout.family]
+            f"not the {fam.display} base model: a {fam.display}-family UNet with "
+            f"{list(layout.num_res_blocks)} res blocks per level (e.g. a tiny test stand-in); "
+            "use it only with the model it was trained on")
+        meta["lora2.diffusers_component"] = fam.diffusers_component
+    elif fam is not None and fam.kohya_version:
+        ver, arch = fam.kohya_version
         meta["ss_base_model_version"] = ver
         meta["modelspec.architecture"] = arch
         meta["modelspec.sai_model_spec"] = "1.0.0"
-        meta["modelspec.implementation"] = "sgm" if layout.family == "sdxl" else "diffusers"
+        meta["modelspec.implementation"] = "diffusers" if layout.family == "sd15" else "sgm"
+        meta["lora2.diffusers_component"] = fam.diffusers_component
     return meta
+
+
+def _family(name: str):
+    from ..families import find
+
+    return find(name)

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..families.sdxl import sdxl_adm, timestep_embedding  # noqa: F401  (re-exported)
+from .standin import StandIn
+
 COMFY_PREFIX = "model.diffusion_model."
 TOKENS = 77  # CLIP context length; ComfyUI conditioning is (B, 77 * k, context_dim)
-ADM_EMBED_DIM = 256  # SDXL size/crop conditioning: one sinusoidal embedding per number
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -105,19 +107,6 @@ SDXL_TINY = UNetSpec(
 )
 
 SPECS: dict[str, UNetSpec] = {"sd15": SD15_TINY, "sdxl": SDXL_TINY}
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """LDM sinusoidal embedding, cosine half first (the order the trained weights expect)."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 def _group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
@@ -432,8 +421,9 @@ def _init_weights(module: nn.Module, generator: torch.Generator) -> None:
     """
     for _, m in _named_leaf_modules(module):
         if isinstance(m, nn.GroupNorm | nn.LayerNorm):
-            m.weight.fill_(1.0)
-            m.bias.zero_()
+            if m.weight is not None:  # (DiTs' LayerNorms have no affine parameters)
+                m.weight.fill_(1.0)
+                m.bias.zero_()
         elif isinstance(m, nn.Embedding):
             m.weight.normal_(0.0, 1.0, generator=generator)
         else:
@@ -476,32 +466,6 @@ def attention_module_names(unet: nn.Module) -> list[str]:
         for name, _ in cross_attention_modules(unet)
         for proj in ("to_q", "to_k", "to_v", "to_out.0")
     ]
-
-
-def sdxl_adm(
-    pooled: Tensor,
-    height: int,
-    width: int,
-    crop_top: int = 0,
-    crop_left: int = 0,
-    target_height: int | None = None,
-    target_width: int | None = None,
-) -> Tensor:
-    """SDXL ``y``: pooled text (1280) + embeddings of original size, crop, target size (pixels).
-
-    Same order and embedding as ComfyUI's ``model_base.SDXL.encode_adm``.
-    """
-    values = [
-        height,
-        width,
-        crop_top,
-        crop_left,
-        height if target_height is None else target_height,
-        width if target_width is None else target_width,
-    ]
-    t = torch.tensor(values, dtype=torch.float32, device=pooled.device)
-    flat = timestep_embedding(t, ADM_EMBED_DIM).flatten()
-    return torch.cat([pooled, flat.to(pooled.dtype).expand(pooled.shape[0], -1)], dim=1)
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -547,29 +511,46 @@ class TinyTextEncoder(nn.Module):
 
 
 class TinyVAE(nn.Module):
-    """Fixed random 'VAE': 8x8 pixel patches projected to 4 channels and back. Never trained.
+    """Fixed random 'VAE': 8x8 pixel patches projected to ``channels`` (4; Flux 16) and back.
 
-    The encoder is an orthonormal 192 -> 4 projection, the decoder its transpose, so
-    decode(encode(x)) is the projection of x onto that 4-D patch subspace. Weights are buffers.
+    The encoder is an orthonormal 192 -> channels projection, the decoder its transpose, so
+    decode(encode(x)) is the projection of x onto that patch subspace. Weights are buffers.
+    Never trained.
     """
 
-    def __init__(self, scaling_factor: float, seed: int = 0) -> None:
+    def __init__(self, scaling_factor: float, seed: int = 0, channels: int = 4) -> None:
         super().__init__()
         self.scaling_factor = scaling_factor
         g = torch.Generator().manual_seed(seed)
-        q, _ = torch.linalg.qr(torch.randn(3 * 64, 4, generator=g))
-        self.register_buffer("basis", q.T.contiguous())  # (4, 192), orthonormal rows
+        q, _ = torch.linalg.qr(torch.randn(3 * 64, channels, generator=g))
+        self.register_buffer("basis", q.T.contiguous())  # (channels, 192), orthonormal rows
 
     def encode(self, images: Tensor) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8), already scaled."""
+        """Images (B, 3, H, W) in [0, 1] -> latents (B, C, H/8, W/8), already scaled."""
         patches = F.pixel_unshuffle(images * 2.0 - 1.0, 8)
         # A real VAE's raw latents are ~1/scaling_factor this size; we return them pre-scaled.
         return torch.einsum("cp,bphw->bchw", self.basis.to(patches.dtype), patches)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
+        """Scaled latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
         patches = torch.einsum("cp,bchw->bphw", self.basis.to(latents.dtype), latents)
         return ((F.pixel_shuffle(patches, 8) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def text_and_vae(context_dim: int, pooled_dim: int, latent_scale: float, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, channels: int = 4
+                 ) -> tuple[TinyTextEncoder, TinyVAE]:
+    """Frozen text-encoder and VAE stand-ins, seeded by ``seed`` (any family's demo)."""
+    text = _materialize(TinyTextEncoder, context_dim, pooled_dim)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        text.token_embedding.weight.normal_(0.0, 1.0, generator=g)
+        text.position_embedding.weight.normal_(0.0, 0.1, generator=g)
+        if text.text_projection is not None:
+            text.text_projection.weight.normal_(0.0, context_dim**-0.5, generator=g)
+    vae = TinyVAE(latent_scale, seed + 2, channels)
+    return (text.to(dtype).requires_grad_(False).eval(),
+            vae.to(dtype).requires_grad_(False).eval())
 
 
 def build_tiny(
@@ -578,14 +559,33 @@ def build_tiny(
     """UNet plus frozen text encoder and VAE stand-ins for ``family``, all seeded by ``seed``."""
     spec = SPECS[family]
     unet = build_unet(family, seed, dtype)
-    text = _materialize(TinyTextEncoder, spec.context_dim, spec.pooled_dim)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        text.token_embedding.weight.normal_(0.0, 1.0, generator=g)
-        text.position_embedding.weight.normal_(0.0, 0.1, generator=g)
-        if text.text_projection is not None:
-            text.text_projection.weight.normal_(0.0, spec.context_dim**-0.5, generator=g)
-    vae = TinyVAE(spec.latent_scale, seed + 2)
-    text = text.to(dtype).requires_grad_(False).eval()
-    vae = vae.to(dtype).requires_grad_(False).eval()
-    return unet, text, vae
+    return (unet, *text_and_vae(spec.context_dim, spec.pooled_dim, spec.latent_scale, seed,
+                                dtype))
+
+
+def unet_config(unet: TinyUNet) -> dict:
+    """The fields of ComfyUI's ``unet_config`` that the key layout reads."""
+    s = unet.spec
+    return {"num_res_blocks": list(s.num_res_blocks), "channel_mult": list(s.channel_mult),
+            "transformer_depth_middle": s.transformer_depth_middle}
+
+
+def _stand_in(family: str) -> StandIn:
+    spec = SPECS[family]
+    return StandIn(
+        family=family,
+        build=lambda seed=0, dtype=torch.float32, **_: build_unet(family, seed, dtype),
+        comfy_state_dict=comfy_state_dict, comfy_names=spec.comfy_model_names,
+        latent_shape=(4, 8, 8), context_dim=spec.context_dim, pooled_dim=spec.pooled_dim,
+        latent_scale=spec.latent_scale, unet_config=unet_config,
+        how_made=f"TinyUNet ({family}): real LDM key names, model_channels 320, context "
+                 f"{spec.context_dim}, transformer depths {list(spec.transformer_depth)} / "
+                 f"{list(spec.transformer_depth_output)}; detected as "
+                 f"{' or '.join(spec.comfy_model_names)} (docs: tiny-models.md)",
+        sizes={"0.3.54": {}, "0.28.0": {}},
+        why_not={"diffusers": "tests/test_diffusers_model.py loads the files into a diffusers "
+                              "SD pipeline built from config"})
+
+
+SD15_STAND_IN = _stand_in("sd15")
+SDXL_STAND_IN = _stand_in("sdxl")

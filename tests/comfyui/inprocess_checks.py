@@ -51,7 +51,8 @@ def import_pack():
     return {name: importlib.import_module(f"{PACK}.{name}") for name in (
         "nodes.core", "nodes.bridge", "nodes.train", "nodes.apply", "nodes.report",
         "nodes.merge", "lora2_engine.config", "lora2_engine.formats",
-        "lora2_engine.models.tiny")}
+        "lora2_engine.models.tiny", "lora2_engine.schedule", "lora2_engine.denoiser",
+        "lora2_engine.diffusion")}
 
 
 def call(node, **inputs):
@@ -94,17 +95,26 @@ def same(a, b) -> bool:
 
 # ------------------------------------------------------------------ checks
 def check_loss(mods, _args) -> dict:
-    """Our loss equals MSE on the native target with ComfyUI's real parameterisations."""
+    """The engine's loss equals MSE on the native target with ComfyUI's real
+    parameterisations, and the engine's own schedules equal ComfyUI's, value for value."""
+    import types
+
     import comfy.model_sampling as ms_mod
 
-    core = mods["nodes.core"]
-    out = {}
-    combos = {"eps": (ms_mod.ModelSamplingDiscrete, ms_mod.EPS),
-              "v": (ms_mod.ModelSamplingDiscrete, ms_mod.V_PREDICTION),
-              "flow": (ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST)}
+    sched = mods["lora2_engine.schedule"]
+    denoiser = mods["lora2_engine.denoiser"]
+    out = {"loss": {}, "same": {}}
+
+    def comfy_ms(base, pred, **settings):
+        cfg = types.SimpleNamespace(sampling_settings=settings) if settings else None
+        return type("MS", (base, pred), {})(cfg)
+
+    combos = {"eps": (ms_mod.ModelSamplingDiscrete, ms_mod.EPS, {}),
+              "v": (ms_mod.ModelSamplingDiscrete, ms_mod.V_PREDICTION, {}),
+              "flow": (ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, {"shift": 3.0})}
     w = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) / 2
-    for kind, (sched, pred) in combos.items():
-        ms = type("MS", (sched, pred), {})(None)
+    for kind, (base, pred, settings) in combos.items():
+        ms = comfy_ms(base, pred, **settings)
 
         def raw(x):
             return torch.tanh(torch.einsum("oc,bchw->bohw", w, x))
@@ -113,17 +123,37 @@ def check_loss(mods, _args) -> dict:
             return ms.calculate_denoised(sigma, raw(ms.calculate_input(sigma, x)), x)
 
         x0 = torch.randn(3, 4, 8, 8)
-        got = core.denoising_loss(apply_model, ms)({"latents": x0},
-                                                   torch.Generator().manual_seed(3))
+        loss = sched.denoising_loss(denoiser.ApplyModelDenoiser(None, ms, apply_model))
+        got = loss({"latents": x0}, torch.Generator().manual_seed(3))
         g = torch.Generator().manual_seed(3)
-        sigma = core.sample_sigmas(ms, 3, g)
+        sigma = sched.sample_sigmas(ms, 3, g)
         noise = torch.randn(x0.shape, generator=g)
         x_t = ms.noise_scaling(sigma, noise, x0)
         s = sigma.view(-1, 1, 1, 1)
         target = {"eps": noise, "v": (noise - s * x0) / (s**2 + 1) ** 0.5,
                   "flow": noise - x0}[kind]
         want = torch.nn.functional.mse_loss(raw(ms.calculate_input(sigma, x_t)), target)
-        out[kind] = [float(got), float(want)]
+        out["loss"][kind] = [float(got), float(want)]
+
+    engine = {"eps": (sched.DiscreteSchedule("eps"), comfy_ms(*combos["eps"][:2])),
+              "v": (sched.DiscreteSchedule("v"), comfy_ms(*combos["v"][:2])),
+              "flux-schnell": (sched.FlowSchedule(1.0, 1.0), comfy_ms(
+                  ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=1.0, multiplier=1.0)),
+              "sd3": (sched.FlowSchedule(3.0, 1000.0), comfy_ms(
+                  ms_mod.ModelSamplingDiscreteFlow, ms_mod.CONST, shift=3.0))}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    for name, (ours, theirs) in engine.items():
+        sig = torch.tensor([float(theirs.percent_to_sigma(p)) for p in (0.1, 0.5)])
+        checks = [torch.equal(ours.sigmas.float(), theirs.sigmas.float()),
+                  all(ours.percent_to_sigma(p) == theirs.percent_to_sigma(p)
+                      for p in (0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0)),
+                  torch.equal(ours.timestep(sig), theirs.timestep(sig)),
+                  torch.equal(ours.calculate_input(sig, x), theirs.calculate_input(sig, x)),
+                  torch.equal(ours.calculate_denoised(sig, y, x),
+                              theirs.calculate_denoised(sig, y, x)),
+                  torch.equal(ours.noise_scaling(sig, y, x), theirs.noise_scaling(sig, y, x))]
+        out["same"][name] = checks
     return out
 
 
@@ -153,10 +183,11 @@ def check_sdxl(mods, args) -> dict:
               "example_keys": sorted(examples[0]), "y_shape": list(examples[0]["y"].shape)}
     result["layout"] = list(bridge.layout_of(base).num_res_blocks)
     for style in ("kohya", "comfy", "diffusers"):  # diffusers: loaded via match_peft_names
-        a_cfg, t_cfg = core.build_configs("spread", {"steps": 2, "init_rank": 2, "lr": 1e-3})
+        a_cfg, t_cfg = core.build_configs("spread", {"steps": 2, "init_rank": 2, "lr": 1e-3,
+                                                     "grad_checkpointing": style == "comfy"})
         out = tmp / "loras" / f"sdxl_{style}.safetensors"
         res, previews = train._train(model, examples, a_cfg, t_cfg,
-                                     cfg.ExportConfig(key_style=style), out, style == "comfy",
+                                     cfg.ExportConfig(key_style=style), out,
                                      2 if style == "kohya" else 0, "")
         lora = core.AdaptiveLora(res.lora, out.stem, out)
         n_lines = len(log.lines)
@@ -199,7 +230,7 @@ def check_sd15(mods, args) -> dict:
     res = {}
     before = snapshot(model)
     lora, curve, previews = call(train.TrainAdaptiveLoRA, steps=3, filename="lora2/inproc",
-                                 preview_every=2, gradient_checkpointing=True, **common)
+                                 preview_every=2, gradient_checkpointing="on", **common)
     res["model_unchanged"] = same(before, snapshot(model))
     res["file"] = str(lora.path)
     res["curve"], res["previews"] = list(curve.shape), list(previews.shape)
@@ -301,7 +332,122 @@ def check_loader_matrix(mods, args) -> dict:
     return out
 
 
+def check_one_path(mods, args) -> dict:
+    """TrainAdaptiveLoRA's route (``nodes/train._train`` on ComfyUI's MODEL, its apply_model
+    and model_sampling) and the engine route (the same ComfyUI UNet under the engine's own
+    schedule and calling convention, as the CLI runs stand-ins): the same adapter, bit for bit."""
+    import comfy.sd
+
+    core, bridge, train = mods["nodes.core"], mods["nodes.bridge"], mods["nodes.train"]
+    cfg, tiny = mods["lora2_engine.config"], mods["lora2_engine.models.tiny"]
+    sched, denoiser = mods["lora2_engine.schedule"], mods["lora2_engine.denoiser"]
+    diffusion = mods["lora2_engine.diffusion"]
+    use_scratch_folders(Path(args["tmp"]))
+    model = comfy.sd.load_diffusion_model_state_dict(
+        tiny.comfy_state_dict(tiny.build_unet("sd15", seed=2)))
+    g = torch.Generator().manual_seed(0)
+    examples = [{"latents": torch.randn(4, 8, 8, generator=g),
+                 "c_crossattn": torch.randn(77, 768, generator=g)} for _ in range(3)]
+    settings = {"steps": 3, "init_rank": 3, "lr": 1e-3, "seed": 4}
+    a_cfg, t_cfg = core.build_configs("spread", settings)
+    export = cfg.ExportConfig()
+    node, _ = train._train(model, [dict(e) for e in examples], a_cfg, t_cfg, export, None, 0, "")
+    with torch.inference_mode(False), bridge.training_mode():
+        target = bridge.load_for_training(model)
+        core.release_inference_tensors(target.denoiser.module)
+        ours = denoiser.ModuleDenoiser(target.denoiser.module, sched.DiscreteSchedule("eps"),
+                                       target.family.cond_keys)
+        engine = diffusion.train_diffusion(ours, bridge.to_device(examples, target.device),
+                                           target.family, a_cfg, t_cfg, export,
+                                           layout=target.layout)
+    same = [torch.equal(w.down, engine.lora.modules[k].down) and
+            torch.equal(w.up, engine.lora.modules[k].up) for k, w in node.lora.modules.items()]
+    return {"modules": len(same), "bit_equal": sum(same),
+            "loss_node": [h["loss"] for h in node.history],
+            "loss_engine": [h["loss"] for h in engine.history],
+            "learned": any(float(w.up.abs().max()) > 0 for w in node.lora.modules.values())}
+
+
+def _stitched_delta(lora, name: str) -> torch.Tensor:
+    """Delta W of module ``name`` from the LoRA's own tensors (split parts stacked by rows)."""
+    rec = lora.lora2_modules()[name]
+    keys = [k for k, _ in rec.get("split", [[rec["key"], None]])]
+    return torch.cat([lora.modules[k].delta() for k in keys])
+
+
+def check_family(mods, args) -> dict:
+    """A family's stand-in file through UNETLoader; TrainAdaptiveLoRA from LATENT +
+    CONDITIONING in each key style; the file in stock LoraLoaderModelOnly vs ApplyAdaptiveLoRA;
+    the incoming MODEL unchanged."""
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's nodes.py
+    import folder_paths
+
+    train, apply, bridge = mods["nodes.train"], mods["nodes.apply"], mods["nodes.bridge"]
+    tmp = Path(args["tmp"])
+    use_scratch_folders(tmp)
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(args["file"]).parent),
+                                       is_default=True)
+    log = KeyLog()
+    logging.getLogger().addHandler(log)
+    loader = comfy_nodes.UNETLoader()
+    model = getattr(loader, loader.FUNCTION)(Path(args["file"]).name,
+                                             args.get("weight_dtype", "default"))[0]
+    base = model.model
+    res = {"config": type(base.model_config).__name__,
+           "family": getattr(bridge.model_family(base), "name", None), "styles": {}}
+    g = torch.Generator().manual_seed(0)
+    c, h, w = args["latent_shape"]
+    latents = {"samples": torch.randn(2, c, h, w, generator=g)}
+    extra = ({"pooled_output": torch.randn(1, args["pooled"], generator=g)} if args["pooled"]
+             else {})
+    positive = [[torch.randn(1, 77, args["context"], generator=g), extra]]
+    before = snapshot(model)
+    during: set[str] = set()  # dtypes of the frozen Linear weights while training
+    update = bridge.Progress.update
+
+    def spy(self, value, preview=None):
+        during.update(str(p.dtype) for n, p in base.diffusion_model.named_parameters()
+                      if p.dim() == 2 and not n.endswith((".A", ".B")))
+        update(self, value, preview)
+
+    bridge.Progress.update = spy
+    for style in args["styles"]:
+        n_lines = len(log.lines)
+        lora = call(train.TrainAdaptiveLoRA, model=model, latents=latents, positive=positive,
+                    preset="spread", steps=args["steps"], learning_rate=1e-3, r_target=0.0,
+                    seed=0, init_rank=4, nu_lr=0.3, filename=f"lora2/{args['family']}_{style}",
+                    key_style=style, **args.get("train", {}))[0]
+        name = f"lora2/{args['family']}_{style}.safetensors"
+        ours = call(apply.ApplyAdaptiveLoRA, model=model, strength_model=0.8,
+                    adaptive_lora=lora)[0]
+        node = comfy_nodes.LoraLoaderModelOnly()
+        stock = getattr(node, node.FUNCTION)(model, name, 0.8)[0]
+        w_base, w_ours, w_stock = weights(model), weights(ours), weights(stock)
+        records = lora.lora.lora2_modules()
+        formula = []
+        for mod in records:  # fp8 weights are re-quantised after patching: no exact formula
+            key = mod + ".weight"
+            if w_base[key].dtype == torch.float32:
+                want = w_base[key] + 0.8 * _stitched_delta(lora.lora, mod)
+                formula.append(bool(torch.allclose(w_stock[key], want, atol=1e-5)))
+        res["styles"][style] = {
+            "modules": len(records), "file_keys": len(lora.lora.modules),
+            "equal_stock": all(torch.equal(w_ours[k], w_stock[k]) for k in w_stock),
+            "changed": sum(not torch.equal(w_base[k], w_stock[k]) for k in w_base),
+            "formula": formula, "not_loaded": log.lines[n_lines:],
+            "ranks": sorted(set(lora.lora.ranks().values())),
+            "loss": [h["loss"] for h in lora.history],
+            "entropy": [h["entropy"] for h in lora.history],
+            "mixed_precision": json.loads(lora.lora.metadata["lora2.train_config"])[
+                "mixed_precision"]}
+    bridge.Progress.update = update
+    res["weight_dtypes_during_training"] = sorted(during)
+    res["model_unchanged"] = same(before, snapshot(model))
+    return res
+
+
 CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15,
+          "one_path": check_one_path, "family": check_family,
           "loader_matrix": check_loader_matrix}
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import activate_slots
+
 from .harness import find_testbed
 from .test_server import not_loaded, stock_loader_graph
 
@@ -38,6 +40,7 @@ def write_sd15_lora(path, seed: int, rank: int = 8):
                 fixed_rank=rank, seed=seed)
     g = torch.Generator().manual_seed(seed)
     for layer in ad.layers.values():
+        activate_slots(layer, g)
         layer.B.data = torch.randn(layer.B.shape, generator=g) * 0.01
     path.parent.mkdir(parents=True, exist_ok=True)
     return export_adapters(ad, path, ExportConfig(key_style="kohya", dtype="float16"),

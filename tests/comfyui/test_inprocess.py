@@ -32,8 +32,19 @@ def run_check(name: str, **args) -> dict:
 
 def test_loss_matches_comfyui_parameterisations(comfy_ready):
     result = run_check("loss")
-    for kind, (ours, textbook) in result.items():
+    for kind, (ours, textbook) in result["loss"].items():
         assert ours == pytest.approx(textbook, rel=1e-5), kind
+    # sigmas, percent_to_sigma, timestep, calculate_input/denoised, noise_scaling: all equal
+    assert result["same"] == {k: [True] * 6 for k in ("eps", "v", "flux-schnell", "sd3")}
+
+
+def test_node_route_equals_the_engine_route_bit_for_bit(comfy_ready, tmp_path):
+    """TrainAdaptiveLoRA's training on ComfyUI's own MODEL and denoiser equals the engine's
+    route (the CLI's schedule and calling convention) on the same UNet, bit for bit."""
+    r = run_check("one_path", tmp=str(tmp_path))
+    assert r["learned"] and r["modules"] == 32
+    assert r["bit_equal"] == r["modules"], r
+    assert r["loss_node"] == r["loss_engine"]
 
 
 def test_sdxl_family_training_and_key_styles(comfy_ready, tmp_path):

@@ -25,8 +25,9 @@ EXPECTED = {  # node id → (required inputs, optional inputs, output types)
          "positive": "CONDITIONING", "learning_rate": "FLOAT", "r_target": "FLOAT",
          "init_rank": "INT", "r_max": "INT", "lambda_r": "FLOAT", "lambda_e": "FLOAT",
          "nu_lr": "FLOAT", "batch_size": "INT", "grad_accum": "INT", "targets": "STRING",
-         "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "BOOLEAN",
-         "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING"},
+         "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "COMBO",
+         "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING",
+         "training_dtype": "COMBO", "adapter_dtype": "COMBO"},
         ["ADAPTIVE_LORA", "IMAGE", "IMAGE"]),
     "LoRA2_ApplyAdaptiveLoRA": (
         {"model": "MODEL", "strength_model": "FLOAT"},
