@@ -93,10 +93,16 @@ def report_from_file(lora: LoraFile) -> RankReport:
     comp = parse_json_metadata(lora.metadata, "lora2.compression", lora.path or "file")
     comp = comp if isinstance(comp, dict) else {}
     errors = comp.get("rel_error") if isinstance(comp.get("rel_error"), dict) else {}
+    parts = {k for rec in ours.values() if isinstance(rec, dict)
+             and isinstance(rec.get("split"), list) for k, *_ in rec["split"][1:]}
     rows = []
     for key, w in lora.modules.items():
+        if key in parts:  # a later part of a fused module stored split: one component
+            continue
         name, rec = by_key.get(key, (key, {}))
         m, n = w.up.shape[0], w.down.flatten(1).shape[1]
+        if key in by_key and rec.get("split"):
+            m = int(rec.get("m", m))  # the fused module's rows (the parts share A)
         rows.append(ComponentRow(name, w.rank, w.rank * (m + n), rec.get("nu"), errors.get(key)))
     bpp = next(iter(lora.modules.values())).down.element_size()
     size = lora.path.stat().st_size if lora.path and Path(lora.path).is_file() else None

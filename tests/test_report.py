@@ -103,3 +103,32 @@ def test_the_report_node_text_has_its_summary_first():
     text = f"{rep.summary()}\n\n{rep.table(totals=False)}"
     assert text.splitlines()[0].startswith(f"total: {len(rep.rows)} components")
     assert rep.table().splitlines()[-1] == rep.summary()
+
+
+@pytest.mark.parametrize("style", ["kohya", "comfy", "diffusers"])
+def test_a_fused_module_stored_split_is_one_component(style):
+    """Flux's qkv / linear1 in diffusers names are several file modules (same A, B split by
+    rows): the report counts each fused module once, with its own rows, in every style."""
+    import torch
+
+    from lora2_engine import AdapterConfig, ExportConfig, attach
+    from lora2_engine.formats.lora_file import adapters_to_lora
+    from lora2_engine.models.loader import load_model
+    from lora2_engine.report import report_from_adapters, report_from_file
+
+    model = load_model("tiny-flux")
+    ad = attach(model.denoiser.module, AdapterConfig(targets=model.family.targets,
+                                                     slot_init="random"))
+    with torch.no_grad():
+        for layer in ad.layers.values():
+            layer.B.normal_()
+    want = report_from_adapters(ad)
+    lora = adapters_to_lora(ad, ExportConfig(key_style=style, rank_tol=0), model.layout)
+    ad.detach()
+    got = report_from_file(lora)
+    assert sorted((r.name, r.rank, r.params) for r in got.rows) == sorted(
+        (r.name, r.rank, r.params) for r in want.rows)
+    if style == "diffusers":
+        assert len(lora.modules) > len(got.rows)  # the split parts are there in the file
+    rows, _, _ = rank_map_grid(got)
+    assert rows == ["double 0", "single 0"]
