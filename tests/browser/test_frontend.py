@@ -120,17 +120,34 @@ TEMPLATES = """async (pack) => {
     return {names, thumbs, wf};
 }"""
 
-SHOW_TEMPLATES = """async (pack) => {
+SHOW_TEMPLATES = """async ([pack, count]) => {
+    // waits by polling what is drawn, never by a guessed delay (a busy CPU is slow)
+    const until = async (get, ms = 30000) => {
+        for (const end = Date.now() + ms; Date.now() < end;
+             await new Promise(r => setTimeout(r, 200))) {
+            const got = get();
+            if (got) return got;
+        }
+        return null;
+    };
+    const leaf = (text) => [...document.querySelectorAll("*")].find(
+        e => e.children.length === 0 && e.textContent.trim().toLowerCase() === text);
     await window.app.extensionManager.command.execute("Comfy.BrowseTemplates");
-    await new Promise(r => setTimeout(r, 1500));
-    const tab = [...document.querySelectorAll("*")].find(
-        e => e.children.length === 0 && e.textContent.trim() === pack);
-    if (tab) tab.click();
-    await new Promise(r => setTimeout(r, 1500));
+    await until(() => leaf("all templates") || leaf("templates"));
+    let tab = leaf(pack.toLowerCase());
+    if (!tab) {  // newer frontends fold the custom-node categories under "Extensions"
+        leaf("extensions")?.click();
+        tab = await until(() => leaf(pack.toLowerCase()));
+    }
+    if (!tab) return {tab: false, images: []};
+    tab.click();
+    const drawn = () => [...document.querySelectorAll(".p-dialog img, [role=dialog] img")]
+        .filter(img => img.complete && img.naturalWidth > 0);
     // 1.25 shows the thumbnails by URL, 1.45 as blobs: compare what is drawn, by size
-    return [...document.querySelectorAll(".p-dialog img, [role=dialog] img")]
-        .filter(img => img.naturalWidth > 0)
-        .map(img => [img.naturalWidth, img.naturalHeight]);
+    // (lazy placeholders are 100 px wide; the pack's thumbnails are at least 200)
+    await until(() => drawn().length === count
+                && drawn().every(img => img.naturalWidth !== 100) && drawn());
+    return {tab: true, images: drawn().map(img => [img.naturalWidth, img.naturalHeight])};
 }"""
 
 
@@ -144,9 +161,11 @@ def test_templates_browser_lists_only_ui_templates_with_thumbnails(ui_server):
         assert all(not n.endswith("_api") for n in got["names"])
         assert all(v == [200, "image/jpeg"] for v in got["thumbs"].values()), got["thumbs"]
         assert all(got["wf"].values())
-        shown = page.evaluate(SHOW_TEMPLATES, PACK_DIR_NAME)
+        shown = page.evaluate(SHOW_TEMPLATES, [PACK_DIR_NAME, len(got["names"])])
         _shot(page, "lora2_templates_browser.png")
         assert _problems(page) == []
+        assert shown["tab"], f"no '{PACK_DIR_NAME}' category in the Templates browser"
+        shown = shown["images"]
     from PIL import Image
 
     sizes = []

@@ -256,7 +256,7 @@ def check_sd15(mods, args) -> dict:
 
     # report and padding
     image, table = call(report.RankReport, adaptive_lora=lora)[:2]
-    res["report"] = [list(image.shape), table.splitlines()[-1]]
+    res["report"] = [list(image.shape), table.splitlines()[0]]  # the summary comes first
     padded = call(merge.ExpandForMerge, adaptive_lora=lora, rank=0,
                   filename="lora2/inproc_padded")[0]
     stock_pad = stock_loader("lora2/inproc_padded.safetensors", 0.7)
@@ -414,7 +414,7 @@ def check_family(mods, args) -> dict:
     for style in args["styles"]:
         n_lines = len(log.lines)
         lora = call(train.TrainAdaptiveLoRA, model=model, latents=latents, positive=positive,
-                    preset="spread", steps=args["steps"], learning_rate=1e-3, r_target=0.0,
+                    preset="spread", steps=args["steps"], learning_rate=1e-3,
                     seed=0, init_rank=4, nu_lr=0.3, filename=f"lora2/{args['family']}_{style}",
                     key_style=style, **args.get("train", {}))[0]
         name = f"lora2/{args['family']}_{style}.safetensors"
