@@ -91,7 +91,8 @@ def padded_pair(tmp_path):
         for layer in ad.layers.values():
             torch.nn.init.normal_(layer.A, generator=g)
             torch.nn.init.normal_(layer.B, generator=g)
-        src = export_adapters(ad, tmp_path / f"l{seed}.safetensors")
+        src = export_adapters(ad, tmp_path / f"l{seed}.safetensors",
+                              ExportConfig(rank_tol=0))  # the trained ranks (1, 3, 7...)
         out.append(read_lora(write_lora(pad_lora(read_lora(src), 7),
                                         tmp_path / f"l{seed}_r7.safetensors")))
     return out
@@ -118,7 +119,7 @@ def test_concatenating_and_svd_merges_of_padded_files_give_the_weighted_sum(padd
 def test_factor_wise_linear_merge_of_padded_files_is_not_the_weighted_sum(padded_pair):
     """PEFT ``linear`` sums the factors, (sum sqrt(w) B)(sum sqrt(w) A): padding makes the
     shapes fit, not the result. ExpandForMerge's description and the README give this error
-    (median 0.80, max 1.06 here), and point to MergeLoRAs for exact sums."""
+    (median 0.96, max 1.01 here), and point to MergeLoRAs for exact sums."""
     errors = _merge_errors(padded_pair, "linear")
     median = errors[len(errors) // 2]
     assert median > 0.3 and max(errors) > 0.5, errors
