@@ -78,8 +78,8 @@ def _inputs() -> list:
                     "learning_rate and the advanced rank settings to its values"),
             lora2_presets=preset_values()),
         I("steps", default=500, min=1, max=100000,
-          tooltip="optimizer steps: 500-1500 for a subject on a GPU; the shipped CPU demo "
-                  "workflow uses 20 with a tiny model"),
+          tooltip="optimizer steps: 500-1500 for a subject on a GPU; the shipped template "
+                  "uses 30 so that it finishes in minutes on a CPU"),
         F("learning_rate", default=pv["learning_rate"], min=1e-7, max=1.0, step=0.00001,
           round=0.0000001, optional=True, tooltip="the adapters' learning rate (set by the "
                                                   "preset)"),
