@@ -89,7 +89,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
-    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite,
+                                 **({} if args.rank_tol is None else {"rank_tol": args.rank_tol}))
     # every file the run will write, checked before any work (name, folder, resume file)
     run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
@@ -347,6 +348,9 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="key names: kohya (ComfyUI, A1111/Forge, kohya, diffusers), comfy, "
                         "diffusers (PEFT names)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--rank-tol", type=float, default=None,
+                   help="write each module at the smallest rank within this relative error of "
+                        "its trained update (default 0.03; 0 = the trained rank, exactly)")
     p.add_argument("--resume", default=None, help="continue from this .state.safetensors "
                    "(written on Ctrl-C, SIGTERM and every --checkpoint-every steps)")
     p.add_argument("--resume-force", action="store_true",
