@@ -148,8 +148,9 @@ def _planted(args, out_dir: Path) -> int:
     from .demo import STEPS, run_planted
     from .trainer import TrainingInterrupted
 
-    _say("\nplanted ranks: a teacher copy of the UNet has low-rank updates of known rank on 16 "
-         "attention projections (0 on 16 more); LoRA² learns them", sys.stdout)
+    _say("\nplanted ranks: a teacher copy of the UNet has updates of known rank (1 to 32) on 14 "
+         "attention projections (0 on 18 more); LoRA² (preset " + args.preset + ") trains "
+         "against it", sys.stdout)
     bar, on_step = _progress(STEPS)
     t0 = time.perf_counter()
     try:
