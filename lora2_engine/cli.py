@@ -14,14 +14,29 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "dreambooth"
 
 
 def _progress(total: int, start: int = 0):
+    """A progress bar at the trainer's own step (a resumed run continues from its state's)."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
     def on_step(trainer, rec):
-        bar.update(1)
+        bar.update(trainer.step - bar.n)
         bar.set_postfix(loss=f"{rec['task']:.4f}", mean_rank=f"{rec['mean_rank']:.1f}")
     return bar, on_step
+
+
+def _resumed_step(state: str | None) -> int:
+    """The step a ``--resume`` state holds, from its header (0 when unreadable: the trainer
+    checks the state properly and says what is wrong)."""
+    if not state:
+        return 0
+    try:
+        from safetensors import safe_open
+
+        with safe_open(state, "pt") as fh:
+            return max(0, int((fh.metadata() or {}).get("step", 0)))
+    except Exception:  # any damage is reported by the trainer's real check
+        return 0
 
 
 def _subject_folder(subject: str) -> Path:
@@ -90,7 +105,7 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
     _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
          f"(model {args.model}, preset {args.preset})", sys.stdout)
-    bar, on_step = _progress(train_cfg.steps)
+    bar, on_step = _progress(train_cfg.steps, _resumed_step(args.resume))
     t0 = time.perf_counter()
     try:
         out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
@@ -122,7 +137,36 @@ def cmd_demo(args) -> int:
     folder = _subject_folder(args.subject)
     out_dir = Path(args.out) if args.out else Path("lora2-output") / time.strftime(
         "demo-%Y%m%d-%H%M%S")
-    return _train(args, folder, out_dir)
+    rc = _train(args, folder, out_dir)
+    if rc or args.no_planted:
+        return rc
+    return _planted(args, out_dir)
+
+
+def _planted(args, out_dir: Path) -> int:
+    """The demo's second part: ranks planted in a teacher UNet, and the ranks LoRA² learns."""
+    from .demo import STEPS, run_planted
+    from .trainer import TrainingInterrupted
+
+    _say("\nplanted ranks: a teacher copy of the UNet has updates of known rank (1 to 32) on 14 "
+         "attention projections (0 on 18 more); LoRA² (preset " + args.preset + ") trains "
+         "against it", sys.stdout)
+    bar, on_step = _progress(STEPS)
+    t0 = time.perf_counter()
+    try:
+        run = run_planted(out_dir, f"{args.name}_planted", seed=args.seed,
+                          overwrite=args.overwrite, on_step=on_step, preset_name=args.preset)
+    except TrainingInterrupted as exc:  # nothing of this part written; the photo run's is
+        bar.close()
+        _say(f"\nplanted part cancelled ({exc}); the photo run's files are complete")
+        return 128 + (exc.signal or 2)
+    finally:
+        bar.close()
+    print(f"done in {time.perf_counter() - t0:.1f} s: Spearman(planted, learned rank) "
+          f"{run.spearman:.2f}")
+    for p in run.files.values():
+        _say(f"wrote {p}", sys.stdout)
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -134,6 +178,9 @@ def cmd_report(args) -> int:
     from .formats import read_lora
     from .report import rank_map_figure, report_from_file, save_figure
 
+    if args.png and Path(args.png).exists() and not args.overwrite:  # before any output
+        raise FileExistsError(f"{args.png} already exists: choose another --png or pass "
+                              "--overwrite")
     lora = read_lora(args.file)
     rep = report_from_file(lora)
     _say(f"{args.file}: style {lora.style}, family {lora.family() or 'unknown'}, "
@@ -141,7 +188,8 @@ def cmd_report(args) -> int:
          sys.stdout)
     _say(rep.table(), sys.stdout)
     if args.png:
-        save_figure(rank_map_figure(rep, Path(args.file).name), args.png, overwrite=False)
+        save_figure(rank_map_figure(rep, Path(args.file).name), args.png,
+                    overwrite=args.overwrite)
         _say(f"wrote {args.png}", sys.stdout)
     return 0
 
@@ -225,6 +273,28 @@ def cmd_extract(args) -> int:
     return _write_result(result, dest, args.overwrite)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none to show."""
+
+    def _get_help_string(self, action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _preset_default(field: str) -> str:
+    """'default: the preset's (paper 5e-05, spread 0.0001)' for a field the presets set."""
+    values = []
+    for name in sorted(cfgmod.PRESETS):
+        adapter, train = cfgmod.preset(name)
+        values.append(f"{name} {getattr(adapter, field, getattr(train, field, None)):g}")
+    return f"default: the preset's ({', '.join(values)})"
+
+
+_PRESET_HELP = ("the method's settings: spread (the pack's, chosen on the rank-recovery "
+                "benchmark) or paper (the paper's SDXL settings as written)")
+
+
 def _budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--size-mb", type=float, help="file size on disk in MB (10^6 bytes), "
@@ -234,9 +304,20 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
                    "whole file, e.g. 0.05: the smallest file within it")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="save dtype (default: the input's)")
-    p.add_argument("--out", default=None, help="output file (never overwritten without "
-                   "--overwrite)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", default=None, help="output file (default: beside the input, "
+                   "named after it); never overwritten without --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+_TRAIN_OPTIONS = (  # (flag, type, config field, help)
+    ("lr", float, "lr", "learning rate of the adapters' A and B"),
+    ("nu-lr", float, "nu_lr", "learning rate of the rank parameters nu"),
+    ("lambda-r", float, "lambda_r", "weight of the rank regulariser (higher: smaller ranks)"),
+    ("lambda-e", float, "lambda_e", "weight of the cross-attention entropy term"),
+    ("r-target", float, "r_target", "the rank the regulariser pulls every component toward"),
+    ("init-rank", int, "init_rank", "every component's rank at step 0"),
+    ("r-max", int, "r_max", "the largest rank a component may grow to"),
+)
 
 
 def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -244,86 +325,105 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
 
     others = ", ".join(n for n in tiny_names() if n != "tiny-sdxl")
     p.add_argument("--model", default="tiny-sdxl",
-                   help=f"tiny-sdxl (default), {others} (stand-ins), or a diffusers SD1.x/SDXL "
-                        "folder")
+                   help=f"tiny-sdxl (default), {others} (built-in random-weight stand-ins: "
+                        "they show the method, not a usable LoRA), or a diffusers SD1.x/SDXL "
+                        "pipeline folder")
     p.add_argument("--training-dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+                   help="autocast dtype of each step (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--adapter-dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the trained A/B matrices")
     p.add_argument("--targets", default="attention",
-                   help="attention (default), attention+mlp, or comma-separated module name "
-                        "suffixes")
-    p.add_argument("--token", default="sks", help="instance token (DreamBooth)")
-    p.add_argument("--class-noun", default=None, help="class noun, e.g. dog")
-    p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS))
-    p.add_argument("--steps", type=int, default=100 if demo else 500)
-    p.add_argument("--resolution", type=int, default=256 if demo else 512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="lora2_demo" if demo else "lora2")
-    p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+                   help="modules to adapt: attention (the family's attention projections), "
+                        "attention+mlp, or comma-separated module name suffixes")
+    p.add_argument("--token", default="sks", help="instance token (DreamBooth): the rare word "
+                   "that will mean your subject")
+    p.add_argument("--class-noun", default=None, help="what the subject is, e.g. dog (default: "
+                   "the folder's name, or its line in prompts_and_classes.txt)")
+    p.add_argument("--preset", default=cfgmod.DEFAULT_PRESET, choices=sorted(cfgmod.PRESETS),
+                   help=_PRESET_HELP)
+    p.add_argument("--steps", type=int, default=100 if demo else 500, help="training steps")
+    p.add_argument("--resolution", type=int, default=256 if demo else 512,
+                   help="training size in pixels (square crops)")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, noise and "
+                   "timesteps: the same seed and inputs train the same LoRA")
+    p.add_argument("--name", default="lora2_demo" if demo else "lora2",
+                   help="file names: <name>.safetensors and <name>.* side files")
+    p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES,
+                   help="key names: kohya (ComfyUI, A1111/Forge, kohya, diffusers), comfy, "
+                        "diffusers (PEFT names)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--rank-tol", type=float, default=None,
                    help="write each module at the smallest rank within this relative error of "
                         "its trained update (default 0.03; 0 = the trained rank, exactly)")
-    p.add_argument("--resume", default=None, help="a .state.safetensors checkpoint")
+    p.add_argument("--resume", default=None, help="continue from this .state.safetensors "
+                   "(written on Ctrl-C, SIGTERM and every --checkpoint-every steps)")
     p.add_argument("--resume-force", action="store_true",
                    help="resume even though settings or photos differ from the state's")
-    for k, t in (("lr", float), ("nu-lr", float), ("lambda-r", float), ("lambda-e", float),
-                 ("r-target", float), ("init-rank", int), ("r-max", int),
-                 ("checkpoint-every", int)):
-        p.add_argument(f"--{k}", type=t, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write a resumable state every N steps (default: only on Ctrl-C)")
+    for flag, kind, field, text in _TRAIN_OPTIONS:
+        p.add_argument(f"--{flag}", type=kind, default=None,
+                       help=f"{text} ({_preset_default(field)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m lora2_engine",
+    ap = argparse.ArgumentParser(prog="python -m lora2_engine", formatter_class=_Help,
                                  description="LoRA2: adaptive-rank LoRA training and tools")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train on bundled DreamBooth photos with a tiny SDXL UNet")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_Help)
+        p.set_defaults(func=func)
+        return p
+
+    p = cmd("demo", "train on bundled DreamBooth photos with a tiny SDXL-shaped UNet, then "
+            "recover planted ranks (under a minute each on a CPU)", cmd_demo)
     p.add_argument("--subject", default="dog", help="bundled/shared subject name or a folder")
-    p.add_argument("--out", default=None, help="output folder (default: a new timestamped one)")
+    p.add_argument("--out", default=None, help="output folder (default: a new "
+                   "lora2-output/demo-<time>/)")
+    p.add_argument("--no-planted", action="store_true",
+                   help="skip the planted-rank part (the photo run only)")
     _train_args(p, demo=True)
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("train", help="train on a folder of subject photos")
-    p.add_argument("images")
+    p = cmd("train", "train on a folder of subject photos", cmd_train)
+    p.add_argument("images", help="folder of photos (name.txt beside name.jpg is its caption)")
     p.add_argument("--out", required=True, help="output folder")
     _train_args(p, demo=False)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("report", help="per-component ranks and sizes of a LoRA file")
-    p.add_argument("file")
-    p.add_argument("--png", default=None, help="also write a rank map picture")
-    p.set_defaults(func=cmd_report)
-    p = sub.add_parser("pad", help="zero-pad every module to one rank for merge tools")
-    p.add_argument("file")
+    p = cmd("report", "per-component ranks and sizes of a LoRA file", cmd_report)
+    p.add_argument("file", help="any LoRA .safetensors (kohya, ComfyUI, diffusers/PEFT)")
+    p.add_argument("--png", default=None, help="also write a rank map picture to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --png")
+    p = cmd("pad", "zero-pad every module to one rank, for tools that need one rank "
+            "(not for merging: see README)", cmd_pad)
+    p.add_argument("file", help="a LoRA .safetensors")
     p.add_argument("--rank", type=int, default=None,
-                   help="target rank (default: the largest; at most 4096)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_pad)
-    p = sub.add_parser("compress", help="shrink a LoRA (kohya, ComfyUI, diffusers, LoCon, "
-                       "LoHa, LoKr) to a size budget, ranks chosen jointly over the file")
-    p.add_argument("file")
+                   help="target rank (default: the largest in the file; at most 4096)")
+    p.add_argument("--out", default=None, help="output file (default: <file>_r<rank>"
+                   ".safetensors beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = cmd("compress", "shrink a LoRA (kohya, ComfyUI, diffusers, LoCon, LoHa, LoKr) to a "
+            "size budget, ranks chosen jointly over the file", cmd_compress)
+    p.add_argument("file", help="the LoRA .safetensors to shrink")
     _budget_args(p)
-    p.set_defaults(func=cmd_compress)
-    p = sub.add_parser("merge", help="merge LoRAs (linear, TIES, DARE) into one "
-                       "adaptive-rank LoRA under a size budget")
-    p.add_argument("files", nargs="+")
+    p = cmd("merge", "merge LoRAs (linear, TIES, DARE) into one adaptive-rank LoRA under a "
+            "size budget", cmd_merge)
+    p.add_argument("files", nargs="+", help="two or more LoRA .safetensors")
     p.add_argument("--weights", type=float, nargs="+", default=None,
-                   help="one weight per file (default 1 each)")
-    p.add_argument("--method", default="linear", choices=("linear", "ties", "dare"))
+                   help="one weight per file (default: 1 each)")
+    p.add_argument("--method", default="linear", choices=("linear", "ties", "dare"),
+                   help="linear: the exact weighted sum; ties/dare: as PEFT defines them")
     p.add_argument("--density", type=float, default=0.5,
-                   help="TIES/DARE: fraction of each update's entries kept (default 0.5)")
+                   help="TIES/DARE: fraction of each update's entries kept")
     p.add_argument("--seed", type=int, default=0, help="DARE's random drop")
     _budget_args(p)
-    p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("extract", help="extract an adaptive-rank LoRA from a fine-tuned model "
-                       "(tuned - base) under a size budget")
+    p = cmd("extract", "extract an adaptive-rank LoRA from a fine-tuned model (tuned - base) "
+            "under a size budget", cmd_extract)
     p.add_argument("base", help="the base model (.safetensors)")
     p.add_argument("tuned", help="the fine-tuned model (.safetensors, same architecture)")
     p.add_argument("--family", default="other", choices=("sd15", "sdxl", "other"),
                    help="names the modules the way loaders expect for this family")
     p.add_argument("--key-style", default="comfy", choices=cfgmod.KEY_STYLES,
-                   help="comfy (default: ComfyUI maps every module), kohya or diffusers")
+                   help="comfy (ComfyUI maps every module), kohya or diffusers")
     _budget_args(p)
-    p.set_defaults(func=cmd_extract)
     return ap
 
 

@@ -3,7 +3,8 @@
 ``compress(lora, Budget.megabytes(40))`` takes the exact SVD of every module (from its factors,
 see :mod:`spectrum`), lets :func:`budget.allocate` spend the bytes where each singular
 direction removes the most error per byte across the whole file, and writes every module back
-as ``U sqrt(S)``, ``sqrt(S) Vh`` with ``alpha = rank`` (scale 1 in every loader). A byte budget
+as ``U sqrt(S)``, ``sqrt(S) Vh`` with the file's one alpha (``file_alpha``: every loader
+applies exactly ``Delta W``). A byte budget
 is the size of the file on disk: the file is serialised and measured (header, metadata and
 alphas included) and the tensor budget is lowered by any overshoot until it fits.
 """
@@ -28,7 +29,15 @@ from .budget import (
     total_rel_error,
 )
 from .formats.io import atomic_write_bytes
-from .formats.lora_file import FORMAT_VERSION, LoraFile, ModuleWeights, lora_contents
+from .formats.lora_file import (
+    FORMAT_VERSION,
+    LoraFile,
+    ModuleWeights,
+    file_alpha,
+    lora_contents,
+    network_metadata,
+    set_metadata,
+)
 from .spectrum import Spectrum
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -146,8 +155,6 @@ def _metadata(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mappin
         meta["lora2.modules"] = json.dumps(
             {n: {k: v for k, v in rec.items() if k != "nu"} | {"rank": kept[rec["key"]]}
              for n, rec in record.items() if isinstance(rec, dict) and rec.get("key") in kept})
-    if "ss_network_dim" in meta:
-        meta["ss_network_dim"] = meta["ss_network_alpha"] = str(max(kept.values()))
     fam = template.family()
     if fam:
         meta["lora2.family"] = fam
@@ -174,10 +181,12 @@ def build(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mapping[st
         if placeholder:
             modules[key] = ModuleWeights(torch.zeros((r, *spec.down_tail), dtype=dtype),
                                          torch.zeros((spec.m, r, *spec.up_tail), dtype=dtype),
-                                         float(r))
+                                         file_alpha(template.style, r))
         else:
-            modules[key] = spec.module(r, dtype)
+            modules[key] = spec.module(r, dtype, file_alpha(template.style, r))
     meta = _metadata(template, spectra, ranks, budget, provenance)
+    if "ss_network_dim" in meta or "ss_network_alpha" in meta:
+        set_metadata(meta, network_metadata(modules))
     return LoraFile(modules, template.style, meta, dict(template.extra))
 
 

@@ -123,20 +123,24 @@ class Spectrum:
             self._u, self._vh = u[:, :rank].contiguous(), vh[:rank].contiguous()
         return self._u[:, :rank], self._vh[:rank]
 
-    def factors(self, rank: int, dtype: torch.dtype = torch.float32,
+    def factors(self, rank: int, dtype: torch.dtype = torch.float32, gain: float = 1.0,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(up, down) = (U sqrt(S), sqrt(S) Vh)`` at ``rank``, shaped as the file stores them.
+        """``(up, down) = (U sqrt(S g), sqrt(S g) Vh)`` at ``rank``, shaped as the file stores
+        them (``g = gain``: ``up @ down = gain * Delta W_rank``).
 
         Splitting ``S`` evenly keeps both factors in the same range (fp16/bf16 safe).
         """
         u, vh = self._vectors(rank)
         u, vh = u.double(), vh.double()
-        root = self.s[:rank].sqrt()
+        root = (self.s[:rank] * gain).sqrt()
         up = (u * root[None, :]).to(dtype).reshape(self.m, rank, *self.up_tail)
         down = (root[:, None] * vh).to(dtype).reshape(rank, *self.down_tail)
         return up.contiguous(), down.contiguous()
 
-    def module(self, rank: int, dtype: torch.dtype = torch.float32) -> ModuleWeights:
-        """The module at ``rank`` with ``alpha = rank``: every loader then applies scale 1."""
-        up, down = self.factors(rank, dtype)
-        return ModuleWeights(down, up, float(rank))
+    def module(self, rank: int, dtype: torch.dtype = torch.float32,
+               alpha: float | None = None) -> ModuleWeights:
+        """The module at ``rank`` stored with ``alpha`` (default ``rank``: scale 1); the
+        factors carry ``rank / alpha`` so every loader's ``alpha / rank`` gives ``Delta W``."""
+        alpha = float(rank) if alpha is None else float(alpha)
+        up, down = self.factors(rank, dtype, gain=rank / alpha)
+        return ModuleWeights(down, up, alpha)

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..lora2_engine.formats import read_lora
 from ..lora2_engine.formats.lora_file import LoraFile, check_family
 from . import bridge
-from .types import ADAPTIVE_LORA, CATEGORY, NONE, lora_choice, show
+from .types import CATEGORY, NONE, lora_choice, lora_input, show
 
 
 def load_choice(adaptive_lora, lora_name: str) -> tuple[LoraFile, dict, str]:
@@ -35,16 +35,24 @@ class ApplyAdaptiveLoRA(io.ComfyNode):
             category=CATEGORY,
             description="Patches the model (and CLIP) with a LoRA² adapter the way LoraLoader "
                         "does; every module keeps its own rank.",
-            inputs=[io.Model.Input("model"),
+            inputs=[io.Model.Input("model", tooltip="the model to patch (a patched copy "
+                                                    "comes out; this one is unchanged)"),
                     io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0,
-                                   step=0.01),
-                    ADAPTIVE_LORA.Input("adaptive_lora", optional=True),
+                                   step=0.01, tooltip="how strongly the LoRA changes the "
+                                                      "model: 1 = as trained, 0 = off"),
+                    lora_input(),
                     lora_choice(),
-                    io.Clip.Input("clip", optional=True),
+                    io.Clip.Input("clip", optional=True,
+                                  tooltip="the text encoder, for LoRAs that also adapt it"),
                     io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0,
-                                   step=0.01, optional=True)],
-            outputs=[io.Model.Output(display_name="model"),
-                     io.Clip.Output(display_name="clip")])
+                                   step=0.01, optional=True,
+                                   tooltip="the same for the text encoder (LoRA² adapts only "
+                                           "the model: no effect on its own files)")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="the model with the LoRA applied"),
+                     io.Clip.Output(display_name="clip",
+                                    tooltip="the text encoder with the LoRA applied (or as "
+                                            "it came in)")])
 
     @classmethod
     def execute(cls, model, strength_model, adaptive_lora=None, lora_name=NONE, clip=None,

@@ -12,7 +12,7 @@ from ..lora2_engine.budget import Budget
 from ..lora2_engine.compress import compress
 from ..lora2_engine.lycoris import read_any
 from . import bridge, core
-from .types import ADAPTIVE_LORA, CATEGORY, NONE, lora_choice, show
+from .types import ADAPTIVE_LORA, CATEGORY, NONE, lora_choice, lora_input, show
 
 SAME = "same as input"
 DTYPES = [SAME, "float16", "bfloat16", "float32"]
@@ -26,7 +26,9 @@ def budget_inputs() -> list:
                            optional=True,
                            tooltip="0 = use size_mb; else the smallest file whose relative "
                                    "Delta W error over the whole LoRA is at most this"),
-            io.Combo.Input("save_dtype", options=DTYPES, default=SAME, optional=True),
+            io.Combo.Input("save_dtype", options=DTYPES, default=SAME, optional=True,
+                           tooltip="number format of the new file; float16 halves a float32 "
+                                   "file's size"),
             ]
 
 
@@ -55,12 +57,13 @@ class CompressLoRA(io.ComfyNode):
             description="Shrinks any LoRA to a file size: every module gets the rank its share "
                         "of the error is worth, chosen across the whole file; saves it to "
                         "models/loras.",
-            inputs=[ADAPTIVE_LORA.Input("adaptive_lora", optional=True), lora_choice(),
+            inputs=[lora_input(), lora_choice(),
                     *budget_inputs(),
                     io.String.Input("filename", default="lora2/compressed",
                                     tooltip="models/loras/<filename>.safetensors; never "
                                             "overwritten (_2, _3... are added)")],
-            outputs=[ADAPTIVE_LORA.Output(display_name="adaptive_lora")])
+            outputs=[ADAPTIVE_LORA.Output(display_name="adaptive_lora",
+                                          tooltip="the compressed LoRA (also saved)")])
 
     @classmethod
     def execute(cls, size_mb, filename, adaptive_lora=None, lora_name=NONE, max_error=0.0,

@@ -131,11 +131,6 @@ def build_configs(preset_name: str, options: dict):
         raise ValueError(f"LoRA² settings: {exc}") from None
 
 
-def unset_if(value, sentinel):
-    """Widgets cannot be empty: a sentinel value (0 or -1) means 'use the preset's value'."""
-    return None if value == sentinel else value
-
-
 def safe_relative_name(name: str, suffix: str = ".safetensors") -> PurePosixPath:
     """A file name confined to one folder: no absolute path, no ``..``, no odd characters."""
     name = name.strip().replace("\\", "/")

@@ -23,9 +23,12 @@ def _slots() -> list:
     names = [NONE, *lora_names()]
     out = []
     for i in range(1, SLOTS + 1):
-        out.append(io.Combo.Input(f"lora_{i}", options=names, default=NONE, optional=True))
+        out.append(io.Combo.Input(f"lora_{i}", options=names, default=NONE, optional=True,
+                                  tooltip=f"LoRA number {i} from models/loras ((none) = "
+                                          "unused)"))
         out.append(io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
-                                  optional=True))
+                                  optional=True, tooltip=f"weight of lora_{i} in the sum "
+                                                         "(negative subtracts it)"))
     return out
 
 
@@ -37,7 +40,10 @@ class MergeLoRAs(io.ComfyNode):
             category=CATEGORY, is_output_node=True,
             description="Merges 2-8 LoRAs (linear, TIES or DARE) into one adaptive-rank LoRA "
                         "of a given file size and saves it to models/loras.",
-            inputs=[io.Combo.Input("method", options=list(METHODS), default="linear"),
+            inputs=[io.Combo.Input("method", options=list(METHODS), default="linear",
+                                   tooltip="linear: the exact weighted sum of the updates; "
+                                           "ties / dare: resolve conflicts between LoRAs "
+                                           "first (as PEFT defines them)"),
                     io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01,
                                    tooltip="TIES/DARE: fraction of each update's entries kept"),
                     io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
@@ -47,7 +53,8 @@ class MergeLoRAs(io.ComfyNode):
                                     tooltip="models/loras/<filename>.safetensors; never "
                                             "overwritten (_2, _3... are added)"),
                     *_slots()],
-            outputs=[ADAPTIVE_LORA.Output(display_name="adaptive_lora")])
+            outputs=[ADAPTIVE_LORA.Output(display_name="adaptive_lora",
+                                          tooltip="the merged LoRA (also saved)")])
 
     @classmethod
     def execute(cls, method, density, seed, size_mb, filename, max_error=0.0, save_dtype=SAME,

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..lora2_engine.formats import read_lora
 from ..lora2_engine.report import rank_map_figure, report_from_file
 from . import bridge, core
-from .types import ADAPTIVE_LORA, CATEGORY, NONE, lora_choice, show
+from .types import CATEGORY, NONE, lora_choice, lora_input, show
 
 
 def lora_of(adaptive_lora, lora_name: str) -> core.AdaptiveLora:
@@ -28,14 +28,17 @@ class RankReport(io.ComfyNode):
             is_output_node=True,
             description="Learned rank per component: a rank map and a table of rank, "
                         "parameters and size (works on any LoRA file).",
-            inputs=[ADAPTIVE_LORA.Input("adaptive_lora", optional=True), lora_choice()],
-            outputs=[io.Image.Output(display_name="rank_map"),
-                     io.String.Output(display_name="table")])
+            inputs=[lora_input(), lora_choice()],
+            outputs=[io.Image.Output(display_name="rank_map",
+                                     tooltip="rank per block (rows) and module kind (columns)"),
+                     io.String.Output(display_name="table",
+                                      tooltip="the summary, then one line per component: "
+                                              "rank, parameters, MB (and nu, error)")])
 
     @classmethod
     def execute(cls, adaptive_lora=None, lora_name=NONE) -> io.NodeOutput:
         lora = lora_of(adaptive_lora, lora_name)
         report = report_from_file(lora.lora)
         image = core.figure_to_image(rank_map_figure(report, f"{lora.name}: rank per component"))
-        table = report.table()
-        return io.NodeOutput(image, table, ui=show(cls, table, image))
+        text = f"{report.summary()}\n\n{report.table(totals=False)}"  # summary first: visible
+        return io.NodeOutput(image, text, ui=show(cls, text, image))

@@ -26,15 +26,21 @@ class LoadSubjectImages(io.ComfyNode):
                 io.String.Input("instance_token", default="sks",
                                 tooltip="rare word that will mean your subject"),
                 io.String.Input("class_noun", default="dog", tooltip="what the subject is"),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=8),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                             tooltip="training size in pixels (the short side in bucket "
+                                     "mode): 1024 for SDXL, 512 for SD1.5; the CPU demo uses "
+                                     "64"),
                 io.Combo.Input("mode", options=["crop", "bucket"], default="crop",
                                tooltip="crop: center square; bucket: keep the aspect ratio"),
                 io.Image.Input("images", optional=True,
                                tooltip="use these images instead of the folder"),
             ],
-            outputs=[SUBJECT.Output(display_name="subject"),
-                     io.Image.Output(display_name="images"),
-                     io.String.Output(display_name="captions")])
+            outputs=[SUBJECT.Output(display_name="subject",
+                                    tooltip="photos + captions for Train Adaptive LoRA"),
+                     io.Image.Output(display_name="images",
+                                     tooltip="the photos as they will be trained on"),
+                     io.String.Output(display_name="captions",
+                                      tooltip="one caption per photo")])
 
     @classmethod
     def execute(cls, folder, instance_token, class_noun, resolution, mode,

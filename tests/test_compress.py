@@ -249,15 +249,12 @@ def test_compress_refuses_an_empty_budget_in_the_api(source):
 
 
 def test_readme_budget_example_runs(tmp_path, monkeypatch):
-    from pathlib import Path
+    from tests.test_readme import python_blocks, run_blocks
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = python_blocks()
     example = next(b for b in blocks if "Budget.of_bytes" in b)
     monkeypatch.chdir(tmp_path)
-    ns: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), ns)  # makes the LoRA file `path`
-    exec(compile(example, "README.md", "exec"), ns)
+    ns = run_blocks(tmp_path, blocks[0], example)  # the first makes the LoRA file `path`
     budget = int(re.search(r"Budget.of_bytes\((\d+)\)", example).group(1))
     assert os.path.getsize(ns["path"]) > budget  # the example really compresses
     small = os.path.getsize(ns["path"].with_name("mine_small.safetensors"))

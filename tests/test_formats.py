@@ -56,7 +56,7 @@ def test_exported_file_gives_B_Lambda_A(attn_net, tmp_path, style):
             got = _plain_delta(tensors, key, "lora_A", "lora_B")
         else:
             got = _plain_delta(tensors, key)
-            assert float(tensors[f"{key}.alpha"]) == layer.rank
+            assert float(tensors[f"{key}.alpha"]) == 1.0  # one alpha for every module
         assert torch.allclose(got, direct.detach(), atol=1e-6), name
         assert record[name]["rank"] == layer.rank
         assert record[name]["nu"] == pytest.approx(float(layer.nu.detach()))
@@ -67,6 +67,9 @@ def test_exported_file_gives_B_Lambda_A(attn_net, tmp_path, style):
         assert sorted(ranks.values()) == sorted(ad.ranks().values())
         assert peft["unet.alpha_pattern"] == peft["unet.rank_pattern"]
         assert peft["unet.lora_alpha"] == peft["unet.r"]
+        assert "ss_network_alpha" not in meta  # alphas differ: no single number is true
+    else:
+        assert meta["ss_network_alpha"] == "1" and meta["ss_network_dim"] == "7"
 
 
 @pytest.mark.parametrize("tol", [0.01, 0.03, 0.2])
@@ -121,7 +124,8 @@ def test_read_back_round_trip_and_family(attn_net, tmp_path):
         assert lora.style == style
         assert sorted(lora.ranks().values()) == sorted(ad.ranks().values())
         assert lora.family() == "sdxl"
-        assert all(w.scale == 1.0 for w in lora.modules.values())
+        want = {float(r) for r in ad.ranks().values()} if style == "diffusers" else {1.0}
+        assert {w.alpha for w in lora.modules.values()} == want  # diffusers: scale 1
 
 
 def test_read_comfy_savelora_style_file(tmp_path):
@@ -204,4 +208,19 @@ def test_in_memory_lora_equals_the_written_file(attn_net, tmp_path, style):
     for k, w in mem.modules.items():
         assert w.down.dtype == torch.float16
         assert torch.equal(w.down, disk.modules[k].down) and torch.equal(w.up, disk.modules[k].up)
-        assert w.scale == disk.modules[k].scale == 1.0
+        assert w.alpha == disk.modules[k].alpha == (1.0 if style == "kohya" else w.rank)
+
+
+@pytest.mark.parametrize("layout,base", [
+    (SDXL, "sdxl_base_v1-0"),
+    (UNetLayout("sdxl", (1, 1, 1), has_middle=False), None),  # the tiny SDXL stand-in
+    (UNetLayout("sd15", (1,)), None),  # the tiny SD1.5 stand-in
+])
+def test_only_a_base_layout_claims_the_base_model(attn_net, tmp_path, layout, base):
+    lora = read_lora(export_adapters(_trained(attn_net), tmp_path / "a.safetensors",
+                                     layout=layout))
+    assert lora.metadata.get("ss_base_model_version") == base
+    assert ("modelspec.architecture" in lora.metadata) == (base is not None)
+    if base is None:
+        assert lora.metadata["lora2.base_model"].startswith("not the ")
+    assert lora.family() == layout.family  # still refused on another family

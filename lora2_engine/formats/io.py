@@ -49,6 +49,8 @@ def explain_oserror(exc: OSError, path: str | os.PathLike | None = None,
     """One line naming the path, what the system said and the fix (``error: ...`` in the CLI)."""
     if getattr(exc, "explained", False):
         return exc.strerror
+    if exc.errno is None and exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]  # raised by this pack with its own message (culprit and fix)
     where = path if path is not None else (exc.filename or "a file")
     what, fix = _WHY.get(exc.errno, (exc.strerror or str(exc), "check the path and the disk"))
     return f"{action} {where}: {what}: {fix}"

@@ -1,7 +1,11 @@
 """LoRA files: export adapters with Lambda folded, read kohya / ComfyUI / diffusers files.
 
-Every module gets ``alpha = D_l`` so stock loaders (scale ``alpha / rank``) apply scale 1 with
-a different rank per module; diffusers/PEFT get ``rank_pattern``/``alpha_pattern`` metadata.
+One file that every loader scales right (README, "One file, every loader"): in kohya and
+ComfyUI-style files every module carries the same alpha (:data:`FILE_ALPHA`) and its factors
+are pre-scaled so ``up @ down * alpha / rank`` is the trained update. A single alpha is what
+diffusers' kohya converter handles (it keeps only the most common of differing alphas).
+diffusers-style files hold no alpha keys: scale 1 (alpha = rank), with PEFT's
+``rank_pattern``/``alpha_pattern`` in the metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .io import (
     parse_json_metadata,
     tensors_bytes,
 )
-from .keys import OTHER, UNetLayout
+from .keys import KNOWN_LAYOUTS, OTHER, UNetLayout
 
 FORMAT_VERSION = "1"
 _COMPONENTS = ("unet.", "transformer.")  # diffusers' PEFT prefixes
@@ -33,6 +37,7 @@ _SUFFIXES = {  # file suffix → (style family, role)
     ".lora.down.weight": ("diffusers", "down"), ".lora.up.weight": ("diffusers", "up"),
     ".alpha": (None, "alpha"),
 }
+FILE_ALPHA = 1.0  # the one alpha of every module in the kohya/ComfyUI-style files we write
 
 
 @dataclass
@@ -55,6 +60,43 @@ class ModuleWeights:
         """``Delta W`` (m, n) as ComfyUI, kohya and A1111 compute it."""
         up, down = self.up.flatten(1).float(), self.down.flatten(1).float()
         return up @ down * self.scale
+
+    def with_alpha(self, alpha: float, dtype: torch.dtype | None = None) -> ModuleWeights:
+        """The same ``Delta W`` stored with ``alpha``: both factors scaled by
+        ``sqrt(scale * rank / alpha)`` (an even split keeps fp16/bf16 in range)."""
+        dtype = dtype or self.down.dtype
+        gain = self.scale * self.rank / alpha
+        if gain == 1.0:
+            return ModuleWeights(self.down.to(dtype), self.up.to(dtype), float(alpha))
+        root = math.sqrt(abs(gain))
+        up = self.up.float() * (root if gain > 0 else -root)  # a negative scale goes to up
+        return ModuleWeights((self.down.float() * root).to(dtype), up.to(dtype), float(alpha))
+
+
+def file_alpha(style: str, rank: int) -> float:
+    """The alpha a module is written with: :data:`FILE_ALPHA` for every module of a kohya or
+    ComfyUI file; ``rank`` (scale 1, PEFT's default) for diffusers files, which hold no alpha
+    keys (ComfyUI and A1111 then apply scale 1; diffusers and PEFT read the metadata)."""
+    return float(rank) if style == "diffusers" else FILE_ALPHA
+
+
+def network_metadata(modules: dict[str, ModuleWeights]) -> dict[str, str | None]:
+    """kohya's ``ss_network_dim``/``ss_network_alpha`` as tools read them: the largest rank
+    and the file's one alpha (``None``, i.e. removed, when the alphas differ: no single
+    number would be true)."""
+    alphas = {w.alpha if w.alpha is not None else float(w.rank) for w in modules.values()}
+    return {"ss_network_dim": str(max(w.rank for w in modules.values())),
+            "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else None}
+
+
+def set_metadata(meta: dict[str, str], values: dict[str, str | None]) -> dict[str, str]:
+    """``meta`` updated in place with ``values``; a ``None`` removes the key."""
+    for key, value in values.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    return meta
 
 
 @dataclass
@@ -318,11 +360,11 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
                      extra_metadata: dict[str, str] | None = None) -> LoraFile:
     """Trained adapters as an in-memory LoRA file with Lambda folded (method.md §4).
 
-    ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)``, ``alpha = D``: every stock loader then
-    computes exactly ``B Lambda A`` for every module, whatever its rank. Modules are named by
-    the family of ``layout`` in the export's key style; a fused module that the style stores
-    as several (diffusers' to_q/to_k/to_v of Flux's qkv) gets the same ``A'`` in every part and
-    ``B'`` split by rows, which is exact.
+    ``A' = sqrt(Lambda) A``, ``B' = B sqrt(Lambda)`` at scale 1, then stored with the style's
+    :func:`file_alpha`: every loader computes exactly ``B Lambda A`` for every module,
+    whatever its rank. Modules are named by the family of ``layout`` in the export's key
+    style; a fused module that the style stores as several (diffusers' to_q/to_k/to_v of
+    Flux's qkv) gets the same ``A'`` in every part and ``B'`` split by rows, which is exact.
     """
     from ..config import ExportConfig, to_dict
 
@@ -354,7 +396,8 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
             for key, rows in parts:  # split parts own their tensors (no shared storage)
                 up = b if rows is None else b[rows[0]: rows[1]].clone()
                 down = a if rows is None else a.clone()
-                modules[key] = ModuleWeights(down.to(dtype), up.to(dtype), float(rank))
+                modules[key] = ModuleWeights(down, up, float(rank)).with_alpha(
+                    file_alpha(export.key_style, rank), dtype)
     if not modules:  # a file needs one module: keep the first, at rank 1 with zero factors
         name, layer = next(iter(adapters.layers.items()))
         key = record[name]["key"]
@@ -365,6 +408,7 @@ def adapters_to_lora(adapters, export=None, layout: UNetLayout = OTHER, train_co
         record[name]["rank"] = 1
     meta = _metadata(adapters, record, layout, train_config, steps, export)
     meta["lora2.export_config"] = json.dumps(to_dict(export))
+    set_metadata(meta, network_metadata(modules))
     if any("split" in r for r in record.values()):
         meta["lora2.split"] = ("fused modules are stored split by rows, the same lora_A in "
                                "every part (exact); lora2.modules lists the parts")
@@ -407,12 +451,10 @@ def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str
         "lora2.modules": json.dumps(record),
         "lora2.adaptive": json.dumps(adapters.adaptive),
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(ranks)),
-        "ss_network_alpha": str(max(ranks)),
         "ss_network_args": json.dumps({"algo": "lora2", "rank": "per-module",
                                        "min_rank": min(ranks), "max_rank": max(ranks)}),
         "ss_training_comment": "LoRA2 adaptive-rank LoRA (arXiv 2603.21884): rank per module, "
-                               "alpha = rank (scale 1)",
+                               "one alpha (factors scaled)",
     }
     if adapters.config is not None:
         meta["lora2.adapter_config"] = json.dumps(to_dict(adapters.config))
@@ -425,7 +467,15 @@ def _metadata(adapters, record, layout, train_config, steps, export) -> dict[str
         meta["ss_steps"] = str(steps)
         meta["ss_max_train_steps"] = str(steps)
     fam = _family(layout.family)
-    if fam is not None and fam.kohya_version:
+    if fam is not None and fam.kohya_version and layout != KNOWN_LAYOUTS.get(layout.family,
+                                                                               layout):
+        # e.g. the tiny stand-ins: SDXL key names, but not SDXL's blocks: claim no base model
+        meta["lora2.base_model"] = (
+            f"not the {fam.display} base model: a {fam.display}-family UNet with "
+            f"{list(layout.num_res_blocks)} res blocks per level (e.g. a tiny test stand-in); "
+            "use it only with the model it was trained on")
+        meta["lora2.diffusers_component"] = fam.diffusers_component
+    elif fam is not None and fam.kohya_version:
         ver, arch = fam.kohya_version
         meta["ss_base_model_version"] = ver
         meta["modelspec.architecture"] = arch

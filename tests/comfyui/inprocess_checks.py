@@ -241,7 +241,7 @@ def check_sd15(mods, args) -> dict:
         args["checkpoint"], output_vae=True, output_clip=True)[:3]
     subject = core.subject_from_folder(args["subject"], "a photo of sks dog", 64, "crop")
     common = dict(model=model, clip=clip, vae=vae, subject=subject, preset="spread",
-                  learning_rate=1e-3, r_target=0.0, seed=0, init_rank=4)
+                  learning_rate=1e-3, seed=0, init_rank=4)
     res = {}
     before = snapshot(model)
     lora, curve, previews = call(train.TrainAdaptiveLoRA, steps=3, filename="lora2/inproc",
@@ -271,7 +271,7 @@ def check_sd15(mods, args) -> dict:
 
     # report and padding
     image, table = call(report.RankReport, adaptive_lora=lora)[:2]
-    res["report"] = [list(image.shape), table.splitlines()[-1]]
+    res["report"] = [list(image.shape), table.splitlines()[0]]  # the summary comes first
     padded = call(merge.ExpandForMerge, adaptive_lora=lora, rank=0,
                   filename="lora2/inproc_padded")[0]
     stock_pad = stock_loader("lora2/inproc_padded.safetensors", 0.7)
@@ -311,6 +311,40 @@ def check_sd15(mods, args) -> dict:
     res["model_unchanged_end"] = same(before, snapshot(model))
     res["not_loaded_lines"] = log.lines
     return res
+
+
+def check_loader_matrix(mods, args) -> dict:
+    """The ComfyUI column of tests/loader_matrix.py: each convention's file (a mixed-rank
+    LoRA on the tiny SD1.5 UNet) through stock LoraLoaderModelOnly, against B Lambda A."""
+    import comfy.sd
+    import folder_paths
+
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's, before the repo is on the path
+    sys.path.append(str(REPO))  # for lora2_engine (ComfyUI has its own "tests" package)
+    spec = importlib.util.spec_from_file_location("lora2_loader_matrix",
+                                                  REPO / "tests" / "loader_matrix.py")
+    lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm)
+
+    tiny = mods["lora2_engine.models.tiny"]
+    tmp = Path(args["tmp"])
+    use_scratch_folders(tmp)
+    with torch.inference_mode(False):
+        unet = tiny.build_unet("sd15", seed=1)
+        model = comfy.sd.load_diffusion_model_state_dict(tiny.comfy_state_dict(unet))
+        ad = lm.mixed_adapters(unet)
+        want = lm.truth(ad)
+        files = lm.write_conventions(ad, lm.layout_of(unet), Path(folder_paths.get_folder_paths(
+            "loras")[0]) / "matrix")
+        ad.detach()
+    base = weights(model)
+    out = {}
+    for conv, path in files.items():
+        node = comfy_nodes.LoraLoaderModelOnly()
+        patched = weights(getattr(node, node.FUNCTION)(model, f"matrix/{path.name}", 1.0)[0])
+        loaded = {n: (patched[n + ".weight"] - base[n + ".weight"]).flatten(1) for n in want}
+        out[conv] = lm.compare(loaded, want)
+    return out
 
 
 def check_one_path(mods, args) -> dict:
@@ -397,7 +431,7 @@ def check_family(mods, args) -> dict:
 
     bridge.Progress.update = spy
     common = {"model": model, "positive": positive, "preset": "spread", "steps": args["steps"],
-              "learning_rate": 1e-3, "r_target": 0.0, "seed": 0, "init_rank": 4, "nu_lr": 0.3}
+              "learning_rate": 1e-3, "seed": 0, "init_rank": 4, "nu_lr": 0.3}
     for i, style in enumerate(args["styles"]):
         n_lines = len(log.lines)
         preview = args.get("preview_every", 0) if i == 0 else 0
@@ -477,7 +511,8 @@ def check_chroma_refused(mods, args) -> dict:
 
 CHECKS = {"loss": check_loss, "sdxl": check_sdxl, "sd15": check_sd15,
           "one_path": check_one_path, "family": check_family,
-          "chroma_refused": check_chroma_refused}
+          "chroma_refused": check_chroma_refused,
+          "loader_matrix": check_loader_matrix}
 
 if __name__ == "__main__":
     check, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}

@@ -46,7 +46,7 @@ def _resume(name: str) -> dict:
                                                            "batch_size": 1}},
         "4": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
             "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "preset": "spread",
-            "steps": 2, "learning_rate": 0.0, "r_target": 0.0, "seed": 0, "filename": "",
+            "steps": 2, "seed": 0, "filename": "",
             "resume": name}}}
 
 

@@ -221,11 +221,11 @@ def test_trains_through_the_server_from_unetloader(name, weight_dtype, training_
         "4": empty_latent(stand_in.latent_shape, 2)}
     train = {"5": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
         "model": ["2", 0], "latents": ["4", 0], "positive": ["3", 0], "preset": "spread",
-        "steps": 3, "learning_rate": 1e-3, "r_target": 0.0, "seed": 0, "nu_lr": 0.3,
+        "steps": 3, "learning_rate": 1e-3, "seed": 0, "nu_lr": 0.3,
         "training_dtype": training_dtype, "filename": f"lora2/server_{name}"}}}
     history = server.run({**common, **train}, timeout=900)
     text = next(v["text"][0] for v in history["outputs"].values() if "text" in v)
-    lora = Path(text.splitlines()[0].removeprefix("saved "))  # _2, _3... on later variants
+    lora = server.base / text.splitlines()[0].removeprefix("saved ")  # _2, _3... added later
     from safetensors import safe_open
 
     with safe_open(str(lora), "pt") as fh:

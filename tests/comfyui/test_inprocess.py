@@ -80,3 +80,12 @@ def test_sd15_nodes_in_process(comfy_ready, checkpoint_file, tmp_path):
     assert not r["interrupt_flag_after"]
     assert r["resumed_steps"] == [1, 2, 3, 4] and r["checkpoint_removed"]
     assert r["not_loaded_lines"] == []
+
+
+def test_loader_matrix_comfyui_column(comfy_ready, tmp_path):
+    """Stock LoraLoaderModelOnly applies every module of the pack's file at scale 1 (also the
+    old conventions); the PEFT-named diffusers file is not mapped by ComfyUI at all."""
+    result = run_check("loader_matrix", tmp=str(tmp_path))
+    for conv in ("one alpha", "alpha = rank", "no alpha"):
+        assert result[conv]["off"] == 0 and result[conv]["max_rel_error"] < 1e-5, conv
+    assert result["diffusers"]["max_scale"] == 0.0

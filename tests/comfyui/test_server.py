@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from .conftest import CHECKPOINT
-from .workflow_tools import WORKFLOWS, load
+from .workflow_tools import WORKFLOWS_API, load
 
 NOT_LOADED = "lora key not loaded"
 EXPECTED = {  # node id → (required inputs, optional inputs, output types)
@@ -19,11 +19,11 @@ EXPECTED = {  # node id → (required inputs, optional inputs, output types)
          "resolution": "INT", "mode": "COMBO"}, {"images": "IMAGE"},
         ["SUBJECT", "IMAGE", "STRING"]),
     "LoRA2_TrainAdaptiveLoRA": (
-        {"model": "MODEL", "preset": "COMBO", "steps": "INT", "learning_rate": "FLOAT",
-         "r_target": "FLOAT", "seed": "INT", "filename": "STRING"},
+        {"model": "MODEL", "preset": "COMBO", "steps": "INT", "seed": "INT",
+         "filename": "STRING"},
         {"clip": "CLIP", "vae": "VAE", "subject": "SUBJECT", "latents": "LATENT",
-         "positive": "CONDITIONING", "init_rank": "INT", "r_max": "INT", "lambda_r": "FLOAT",
-         "lambda_e": "FLOAT",
+         "positive": "CONDITIONING", "learning_rate": "FLOAT", "r_target": "FLOAT",
+         "init_rank": "INT", "r_max": "INT", "lambda_r": "FLOAT", "lambda_e": "FLOAT",
          "nu_lr": "FLOAT", "batch_size": "INT", "grad_accum": "INT", "targets": "STRING",
          "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "COMBO",
          "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING",
@@ -84,7 +84,7 @@ def test_object_info_declares_the_node(server, node_id):
 def trained(server):
     """The shipped train → report → apply → sample workflow, run once through POST /prompt."""
     start = len(server.log())
-    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"), filename="lora2/e2e")
+    api = tiny(load(WORKFLOWS_API / "lora2_train_and_apply_api.json"), filename="lora2/e2e")
     history = server.run(api, timeout=900)
     return api, history, start
 
@@ -139,7 +139,7 @@ def test_stock_lora_loader_loads_the_file_with_no_unmatched_key(server, trained)
 
 def test_expand_for_merge_workflow(server, trained):
     start = len(server.log())
-    api = load(WORKFLOWS / "lora2_expand_for_merge_api.json")
+    api = load(WORKFLOWS_API / "lora2_expand_for_merge_api.json")
     for node in api.values():
         if node["class_type"] == "LoRA2_ExpandForMerge":
             node["inputs"].update(lora_name="lora2/e2e.safetensors", filename="lora2/e2e_pad")
@@ -161,7 +161,7 @@ def test_expand_for_merge_workflow(server, trained):
 
 
 def test_bad_filename_is_refused_before_training(server):
-    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"), filename="../../escape")
+    api = tiny(load(WORKFLOWS_API / "lora2_train_and_apply_api.json"), filename="../../escape")
     with pytest.raises(Exception, match="leaves the loras folder"):
         server.run(api, timeout=600)
     assert not (server.base / "models" / "escape.safetensors").exists()
@@ -178,7 +178,7 @@ def _wait_status(server, prompt_id: str, timeout: float = 600) -> dict:
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes(server, trained):
-    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"), filename="lora2/cancel",
+    api = tiny(load(WORKFLOWS_API / "lora2_train_and_apply_api.json"), filename="lora2/cancel",
                steps=100000, preview_every=0)
     api = {k: v for k, v in api.items()
            if v["class_type"] in ("CheckpointLoaderSimple", "LoRA2_LoadSubjectImages",
@@ -218,7 +218,7 @@ def test_trains_from_latents_and_conditioning_without_a_subject(server):
                                                            "batch_size": 2}},
         "4": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
             "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "preset": "spread",
-            "steps": 3, "learning_rate": 1e-3, "r_target": 0.0, "seed": 0,
+            "steps": 3, "learning_rate": 1e-3, "seed": 0,
             "filename": "lora2/from_latents"}},
     }
     entry = _wait_status(server, server.queue(api))
@@ -234,8 +234,7 @@ def test_nothing_to_train_on_is_a_clear_error(server):
     api = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "4": {"class_type": "LoRA2_TrainAdaptiveLoRA", "inputs": {
-            "model": ["1", 0], "preset": "spread", "steps": 3, "learning_rate": 0.0,
-            "r_target": 0.0, "seed": 0, "filename": ""}},
+            "model": ["1", 0], "preset": "spread", "steps": 3, "seed": 0, "filename": ""}},
     }
     entry = _wait_status(server, server.queue(api))
     text = json.dumps(entry["status"])
@@ -245,7 +244,7 @@ def test_nothing_to_train_on_is_a_clear_error(server):
 def _apply_file(server, lora_name: str) -> str:
     """The shipped graph's apply → sample chain with a file from models/loras instead of a
     trained adapter; returns the prompt's status as the client sees it."""
-    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"))
+    api = tiny(load(WORKFLOWS_API / "lora2_train_and_apply_api.json"))
     api = {k: v for k, v in api.items() if v["class_type"] not in (
         "LoRA2_LoadSubjectImages", "LoRA2_TrainAdaptiveLoRA", "LoRA2_RankReport")}
     apply = next(v for v in api.values() if v["class_type"] == "LoRA2_ApplyAdaptiveLoRA")

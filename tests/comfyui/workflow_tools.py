@@ -1,4 +1,6 @@
-"""Read the workflows in ``workflows/``: UI format (nodes + links) → API format, and checks.
+"""Read the shipped workflows: UI format in ``workflows/`` (the frontend's Templates browser
+lists that folder), API format in ``workflows_api/`` (for ``POST /prompt``; kept out of any
+folder ComfyUI lists as templates). UI format → API format, and checks.
 
 The UI format stores widget values as a list in the order of the node's inputs in
 ``/object_info`` (required, then optional), plus the frontend's extra "control after generate"
@@ -14,6 +16,10 @@ from pathlib import Path
 from .harness import REPO
 
 WORKFLOWS = REPO / "workflows"
+WORKFLOWS_API = REPO / "workflows_api"
+# Folders ComfyUI (app/custom_node_manager.py, 0.3.54 and 0.28.0) lists as templates
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+VIRTUAL_NODES = {"Note", "MarkdownNote"}  # frontend-only: not in /object_info, not in the API
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # Core ComfyUI nodes the shipped workflows may use (present in 0.3.54 and 0.28.0).
@@ -31,9 +37,14 @@ def pack_node_ids() -> set[str]:
 
 
 def workflow_pairs() -> list[tuple[Path, Path]]:
-    """``(ui.json, ui_api.json)`` for every API workflow in ``workflows/``."""
-    apis = sorted(WORKFLOWS.glob("*_api.json"))
-    return [(p.with_name(p.name.replace("_api.json", ".json")), p) for p in apis]
+    """``(workflows/x.json, workflows_api/x_api.json)`` for every API workflow."""
+    apis = sorted(WORKFLOWS_API.glob("*_api.json"))
+    return [(WORKFLOWS / p.name.replace("_api.json", ".json"), p) for p in apis]
+
+
+def graph_nodes(ui: dict) -> list[dict]:
+    """The UI workflow's nodes that run (notes are only for the reader)."""
+    return [n for n in ui["nodes"] if n["type"] not in VIRTUAL_NODES]
 
 
 def load(path: Path) -> dict:
@@ -60,7 +71,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     """The API prompt a UI workflow stands for (what the frontend queues)."""
     links = {link[0]: link for link in ui["links"]}
     api = {}
-    for node in ui["nodes"]:
+    for node in graph_nodes(ui):
         info = object_info[node["type"]]
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", [])
                   if i.get("link") is not None}
