@@ -74,7 +74,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
-    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite,
+                                 dtype=args.save_dtype, size_mb=args.size_mb, params=args.params)
     # every file the run will write, checked before any work (name, folder, resume file)
     run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
@@ -112,6 +113,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
+    if out.sized is not None:  # the notes were warned already
+        _say(f"size budget: {out.sized.summary().splitlines()[0]}", sys.stdout)
     for p in run.outputs():
         _say(f"wrote {p}", sys.stdout)
     return 0
@@ -261,9 +264,18 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--resume-force", action="store_true",
                    help="resume even though settings or photos differ from the state's")
     for k, t in (("lr", float), ("nu-lr", float), ("lambda-r", float), ("lambda-e", float),
-                 ("r-target", float), ("init-rank", int), ("r-max", int),
-                 ("checkpoint-every", int)):
+                 ("init-rank", int), ("r-max", int), ("checkpoint-every", int)):
         p.add_argument(f"--{k}", type=t, default=None)
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the saved file (and of --size-mb)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--r-target", type=float, default=None,
+                   help="rank the regulariser pulls toward (default: the preset's)")
+    g.add_argument("--size-mb", type=float, default=None,
+                   help="train to a file size: MB (10^6 bytes) on disk at --save-dtype, header "
+                        "included; the file lands within 2%% below it, ranks still learned")
+    g.add_argument("--params", type=int, default=None,
+                   help="train to a parameter count, sum of r (m + n) over the file")
 
 
 def build_parser() -> argparse.ArgumentParser:

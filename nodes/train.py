@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..lora2_engine.config import PRESETS, ExportConfig
+from ..lora2_engine.config import PRESETS
 from ..lora2_engine.diffusion import preview, train_diffusion
 from ..lora2_engine.formats.io import check_can_create, resolve_inside
 from ..lora2_engine.precision import ADAPTER_DTYPES, TRAINING_DTYPES, PrecisionConfig
@@ -88,6 +88,10 @@ def _inputs() -> list:
                        "have it (else fp16 + loss scaling), fp32 on the CPU (faster there)"),
         io.Combo.Input("adapter_dtype", options=list(ADAPTER_DTYPES), default="fp32",
                        optional=True, tooltip="dtype of the trained A/B matrices"),
+        F("size_mb", default=0.0, min=0.0, max=100000.0, step=0.1, optional=True,
+          tooltip="train to a file size: MB on disk at save_dtype (the file lands within 2% "
+                  "below it; ranks still learned, strongest directions kept). 0 = the learned "
+                  "ranks decide. Replaces r_target"),
     ]
 
 
@@ -107,14 +111,15 @@ class TrainAdaptiveLoRA(io.ComfyNode):
     def execute(cls, model, preset, steps, learning_rate, r_target, seed, filename,
                 clip=None, vae=None, subject=None, latents=None, positive=None,
                 key_style="kohya", save_dtype="float32", preview_every=0, resume="",
-                training_dtype="auto", adapter_dtype="fp32", **options) -> io.NodeOutput:
+                training_dtype="auto", adapter_dtype="fp32", size_mb=0.0,
+                **options) -> io.NodeOutput:
         family = bridge.require_family(model.model)
         family.check_key_style(key_style, in_comfyui=True)
         adapter_cfg, train_cfg = _configs(family, preset, steps, learning_rate, r_target, seed,
                                           options)
         precision = PrecisionConfig(training_dtype, adapter_dtype)
         precision.resolve(bridge.compute_device())  # refuse e.g. fp16 on a CPU before work
-        export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
+        export_cfg = core.export_config(key_style, save_dtype, size_mb, r_target)
         out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
         examples = core.stackable(bridge.training_examples(model, clip, vae, subject, latents,
                                                            positive), train_cfg.batch_size)
@@ -128,7 +133,8 @@ class TrainAdaptiveLoRA(io.ComfyNode):
         text = (f"{'saved ' + str(out) if out else 'not saved (no filename)'}\n"
                 f"{family.display}: {len(ranks)} modules, ranks {min(ranks)}..{max(ranks)} "
                 f"(mean {sum(ranks) / len(ranks):.1f}), {train_cfg.steps} steps in "
-                f"{time.perf_counter() - t0:.1f} s")
+                f"{time.perf_counter() - t0:.1f} s"
+                + (f"\nsize budget: {result.sized.summary()}" if result.sized else ""))
         return io.NodeOutput(lora, curve, previews if previews is not None else curve,
                              ui=show(cls, text, curve))
 
