@@ -206,26 +206,42 @@ def _fit_bytes(template, spectra, budget, dtype, provenance, min_rank, keep_reco
     sv = {k: s.s for k, s in spectra.items()}
     costs = {k: s.rank_cost * bpp for k, s in spectra.items()}
     caps = {k: s.max_rank for k, s in spectra.items()}
-    lo = {k: min(min_rank, caps[k]) for k in spectra}
+    floor = max(min_rank, 1)  # min_rank 0: the header of every module is still counted
+    lo = {k: min(floor, caps[k]) for k in spectra}
     smallest = len(serialize(build(template, spectra, lo, dtype, budget, provenance, True,
                                    keep_record)))
     if smallest > budget.value:
         raise BudgetError(
             f"{budget.describe()} is below the smallest file these {len(spectra)} modules fit in "
-            f"(rank {min_rank} each, header and metadata included: {smallest:,} bytes): give at "
+            f"(rank {floor} each, header and metadata included: {smallest:,} bytes): give at "
             f"least {smallest / MB:.3f} MB")
-    overhead = smallest - minimum_cost(sv, costs, min_rank, caps)
-    target = budget.value - overhead
-    for _ in range(8):
+    overhead = smallest - minimum_cost(sv, costs, floor, caps)
+    target, step = budget.value - overhead, min(costs.values())
+    best, fits, over = None, None, None  # the largest target that fit, the smallest that did not
+    for _ in range(16):
         ranks = allocate(sv, costs, max(target, 0), min_rank=min_rank, max_rank=caps)
         lora = build(template, spectra, ranks, dtype, budget, provenance,
                      keep_record=keep_record)
         data = serialize(lora)
-        if len(data) <= budget.value:
-            return ranks, lora, data
-        spent = sum(ranks[k] * costs[k] for k in ranks)
-        target = spent - (len(data) - budget.value)  # the header grew (wider numbers)
-    raise BudgetError(f"could not fit {budget.describe()} after 8 tries; please report this")
+        gap = budget.value - len(data)  # the header grew (wider numbers) or shrank (modules
+        if gap >= 0:                    # left out at min_rank 0): move the tensor budget by it
+            if best is None or len(data) > len(best[2]):
+                best = ranks, lora, data
+            if len(data) >= LOWER_BOUND * budget.value:
+                break
+            fits = target
+        else:
+            over = target
+        if fits is not None and over is not None:  # a module let back in brings its header:
+            if over - fits < step:                  # bisect between the two
+                break
+            target = (fits + over) / 2
+        else:
+            target = target + gap if gap >= 0 else \
+                sum(ranks[k] * costs[k] for k in ranks) + gap
+    if best is None:
+        raise BudgetError(f"could not fit {budget.describe()} after 16 tries; please report this")
+    return best
 
 
 def refactor(template: LoraFile, spectra: Mapping[str, Spectrum], budget: Budget,

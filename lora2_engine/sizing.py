@@ -137,12 +137,29 @@ def export_to_budget(adapters: Adapters, export: ExportConfig, layout: UNetLayou
     learned_bytes = len(serialize(template))
     learned_params = sum(w.rank * (w.up.shape[0] + w.down.flatten(1).shape[1])
                          for w in template.modules.values())
-    result = refactor(template, module_spectra(template), budget, getattr(torch, export.dtype),
-                      _provenance(learned_bytes, learned_params), names=_names(template),
-                      ranks_before=template.ranks(), source_bytes=learned_bytes,
-                      keep_record=KEEP)
-    got = result.file_bytes if budget.kind == "bytes" else result.params
-    if got < LOWER_BOUND * budget.value:
+    spectra = module_spectra(template)
+
+    def fit(min_rank: int) -> CompressResult:
+        return refactor(template, spectra, budget, getattr(torch, export.dtype),
+                        _provenance(learned_bytes, learned_params), min_rank=min_rank,
+                        names=_names(template), ranks_before=template.ranks(),
+                        source_bytes=learned_bytes, keep_record=KEEP)
+
+    # A module whose learned update is negligible gets no bytes (rank 0: left out, as a plain
+    # export leaves out an exactly-zero module). A module let back in costs its header too,
+    # which the allocator does not see: if that leaves the file short of the budget, every
+    # module keeps rank 1 instead (header known in advance) when that lands closer.
+    def left(res: CompressResult) -> bool:  # learned directions the file does not hold
+        return any(r.rank < spectra[r.key].max_rank and spectra[r.key].energy > 0
+                   for r in res.rows)
+
+    result = fit(0)
+    if _short(result, budget) and left(result) and any(r.rank == 0 for r in result.rows):
+        other = fit(1)
+        if not _short(other, budget) or other.file_bytes > result.file_bytes:
+            result = other
+    if _short(result, budget) and not left(result):
+        got = result.file_bytes if budget.kind == "bytes" else result.params
         unit = "bytes" if budget.kind == "bytes" else "parameters"
         kept = sum(r.rank for r in result.rows)
         msg = (f"the trained adapter is smaller than the budget {budget.describe()}: with every "
@@ -153,6 +170,11 @@ def export_to_budget(adapters: Adapters, export: ExportConfig, layout: UNetLayou
         result.notes = [n for n in result.notes if "of the budget" not in n] + [msg]
         warnings.warn(msg, stacklevel=2)
     return result
+
+
+def _short(result: CompressResult, budget: Budget) -> bool:
+    got = result.file_bytes if budget.kind == "bytes" else result.params
+    return got < LOWER_BOUND * budget.value
 
 
 def report(result: CompressResult, adapters: Adapters):
