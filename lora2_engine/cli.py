@@ -74,8 +74,12 @@ def _train(args, folder: Path, out_dir: Path) -> int:
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
+    if args.rank_tol is not None and (args.size_mb or args.params) is not None:
+        raise ValueError("--rank-tol and a size budget are both given: with --size-mb/--params "
+                         "the budget decides every rank, so drop --rank-tol")
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite,
-                                 dtype=args.save_dtype, size_mb=args.size_mb, params=args.params)
+                                 dtype=args.save_dtype, size_mb=args.size_mb, params=args.params,
+                                 **({} if args.rank_tol is None else {"rank_tol": args.rank_tol}))
     # every file the run will write, checked before any work (name, folder, resume file)
     run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
@@ -260,6 +264,9 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--name", default="lora2_demo" if demo else "lora2")
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--rank-tol", type=float, default=None,
+                   help="write each module at the smallest rank within this relative error of "
+                        "its trained update (default 0.03; 0 = the trained rank, exactly)")
     p.add_argument("--resume", default=None, help="a .state.safetensors checkpoint")
     p.add_argument("--resume-force", action="store_true",
                    help="resume even though settings or photos differ from the state's")

@@ -144,10 +144,10 @@ def _metadata(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mappin
     kept = {k: r for k, r in ranks.items() if r > 0}
     record = template.lora2_modules()
     if isinstance(record, dict):  # our own record: new ranks, nu no longer describes them
-        meta["lora2.modules"] = json.dumps(  # (unless kept: a trained run's learned nu)
-            {n: {k: v for k, v in rec.items() if k != "nu" or k in keep_record}
-             | {"rank": kept[rec["key"]]}
-             for n, rec in record.items() if isinstance(rec, dict) and rec.get("key") in kept})
+        meta["lora2.modules"] = json.dumps(  # (unless kept: a trained run's learned nu);
+            {n: {k: v for k, v in rec.items() if k != "nu" or k in keep_record}  # a module
+             | {"rank": kept.get(rec["key"], 0)}  # left out stays in the record at rank 0
+             for n, rec in record.items() if isinstance(rec, dict)})
     if "ss_network_dim" in meta:
         meta["ss_network_dim"] = meta["ss_network_alpha"] = str(max(kept.values()))
     fam = template.family()

@@ -30,6 +30,7 @@ from .formats.keys import UNetLayout
 from .formats.lora_file import LoraFile, adapters_to_lora, lora_bytes
 from .inject import attach
 from .precision import PrecisionConfig
+from .report import report_from_file
 from .runfiles import RunFiles
 from .schedule import denoising_loss, euler_sample
 from .trainer import Callbacks, Trainer
@@ -136,13 +137,12 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
             lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
                                     extra_metadata)
             data = lora_bytes(lora)
-        ranks = adapters.ranks()
+        ranks = {row.name: row.rank for row in report_from_file(lora).rows}  # as written
         if run is not None:
             configs = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
                        "export": to_dict(export_cfg)}
-            report = sizing.report(result, adapters) if sized else None
             with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held; state kept
-                run.publish(data, run_side_files(run, adapters, history, configs, report))
+                run.publish(data, run_side_files(run, lora, history, configs, len(data)))
             lora.path = run.adapter
         elif out_file is not None:
             lora.path = atomic_write_bytes(out_file, data, overwrite=export_cfg.overwrite)
@@ -159,19 +159,16 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
     return TrainResult(lora, history, ranks, trainer.step, result)
 
 
-def run_side_files(run: RunFiles, adapters, history: list[dict], configs: dict,
-                   report=None) -> dict[Path, bytes]:
-    """The report, rank map, loss plot and configs a run leaves beside its adapter
-    (``report``: the file's, when it differs from the adapters' own)."""
-    from .report import (
-        figure_png,
-        loss_figure,
-        rank_map_figure,
-        report_bytes,
-        report_from_adapters,
-    )
+def run_side_files(run: RunFiles, lora: LoraFile, history: list[dict], configs: dict,
+                   file_bytes: int | None = None) -> dict[Path, bytes]:
+    """The report, rank map, loss plot and configs a run leaves beside its adapter; the report
+    describes the file as written (numerical ranks, omitted zero modules at rank 0; with a
+    size budget: the budget, ``file_bytes`` and each module's error)."""
+    from .report import figure_png, loss_figure, rank_map_figure, report_bytes
 
-    report = report or report_from_adapters(adapters)
+    report = report_from_file(lora)
+    if report.budget is not None:
+        report.file_bytes = file_bytes
     return {run.report_json: report_bytes(report),
             run.rank_map: figure_png(rank_map_figure(report, f"{run.name}: learned rank per "
                                                              "component")),

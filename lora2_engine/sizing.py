@@ -129,8 +129,8 @@ def export_to_budget(adapters: Adapters, export: ExportConfig, layout: UNetLayou
                      extra: dict[str, str] | None = None) -> CompressResult:
     """The trained adapters as a LoRA that fits ``export``'s budget (see the module doc).
 
-    The result's ``data`` is the file, its ``notes`` say when the learned adapter was smaller
-    than the budget (also warned), and :func:`report` adds the learned ``nu`` to its report.
+    The result's ``data`` is the file; its ``notes`` say when the learned adapter was smaller
+    than the budget (also warned).
     """
     budget: Budget = export.budget
     template = _template(adapters, export, layout, train_cfg, steps, extra)
@@ -175,12 +175,3 @@ def export_to_budget(adapters: Adapters, export: ExportConfig, layout: UNetLayou
 def _short(result: CompressResult, budget: Budget) -> bool:
     got = result.file_bytes if budget.kind == "bytes" else result.params
     return got < LOWER_BOUND * budget.value
-
-
-def report(result: CompressResult, adapters: Adapters):
-    """The result's rank report with each component's learned ``nu``."""
-    rep = result.report()
-    nus = adapters.nus()
-    for row in rep.rows:
-        row.nu = nus.get(row.name)
-    return rep
