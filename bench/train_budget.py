@@ -18,7 +18,8 @@ layers with planted updates of rank 0..48, held-out loss against the noise-free 
 Every file is serialised as it would be written (float32, header included) and its bytes
 counted; loss is the task's held-out loss with the file's ``Delta W`` added to the frozen model.
 
-    python bench/train_budget.py           # ~5 min on one CPU thread
+    python bench/train_budget.py    # 10 runs of 1000 steps: 773 s wall on one thread of the
+                                    # shared 2-core machine (others running)
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def main(argv=None) -> int:
             "LoRA²": "preset 'spread' (the defaults) at the task's scale (r_max 64); to-budget "
                      "runs get r_target = init_rank = ceil(1.25 x the budget's uniform rank)",
             "bytes": "len() of the serialised safetensors file, float32, header included",
-            "threads": "torch.set_num_threads(1); wall times measured side by side in this "
-                       "one process",
+            "threads": "torch.set_num_threads(1); wall s per run measured in this one process "
+                       "on a machine shared with other jobs: not a timing claim",
             "total wall time": f"{time.perf_counter() - t0:.0f} s",
             "torch": torch.__version__}
     text = markdown(rows, meta)

@@ -326,6 +326,7 @@ def test_cli_train_to_a_size(tmp_path, capsys):
 @pytest.mark.parametrize("args,match", [
     (["--size-mb", "0"], "size_mb=0.0 is invalid"),
     (["--params", "-4"], "params=-4 is invalid"),
+    (["--size-mb", "1", "--rank-tol", "0.1"], "--rank-tol and a size budget are both given"),
 ])
 def test_cli_refuses_bad_budgets_before_loading_anything(tmp_path, capsys, args, match):
     rc = main(["train", str(tmp_path), "--model", "tiny-sd15", "--out", str(tmp_path / "o"),
