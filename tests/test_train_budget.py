@@ -23,17 +23,10 @@ from lora2_engine.inject import attach, find_targets
 from lora2_engine.models.loader import load_model
 from lora2_engine.sizing import CAPACITY, capacity_config, check_budget, export_to_budget
 from lora2_engine.trainer import Callbacks, Trainer
+from tests.test_rank_recovery import one_thread  # noqa: F401  (autouse: one thread here too)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 BPP = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
