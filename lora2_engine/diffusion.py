@@ -39,8 +39,8 @@ from .trainer import Callbacks, Trainer
 @dataclass
 class TrainResult:
     """What a run learned: the LoRA (in memory; ``lora.path`` once written), the loss history
-    and the rank of every component (trained, before any budget); ``sized``: with a size
-    budget, the budget, the file's bytes and each module's error (``sizing.py``)."""
+    and the rank of every component as written; ``sized``: with a size budget, the budget,
+    the file's bytes and each module's error (``sizing.py``)."""
 
     lora: LoraFile
     history: list[dict] = field(default_factory=list)

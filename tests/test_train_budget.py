@@ -196,6 +196,31 @@ def test_train_diffusion_writes_the_budget_file(bundle, tmp_path):
     assert res.ranks == {n: r["rank"] for n, r in res.lora.lora2_modules().items()}
 
 
+def test_a_cancelled_sized_run_resumes_with_the_same_capacity(bundle, tmp_path):
+    """r_target comes from the budget, so the same budget resumes the state exactly; the
+    resumed run ends in a file of that size."""
+    from lora2_engine.trainer import TrainingInterrupted
+
+    a_cfg, t_cfg = preset("spread", steps=3, init_rank=2, lr=1e-3)
+    export = ExportConfig(size_mb=0.3)
+    state = tmp_path / "run.state.safetensors"
+    asked = []
+
+    def stop_after_one() -> bool:  # asked before every step: stop before the second
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(TrainingInterrupted):
+        train_diffusion(bundle.denoiser, _examples(bundle), bundle.family, a_cfg, t_cfg, export,
+                        layout=bundle.layout, checkpoint_path=state,
+                        callbacks=Callbacks(should_stop=stop_after_one))
+    assert state.is_file()
+    res = train_diffusion(bundle.denoiser, _examples(bundle), bundle.family, a_cfg, t_cfg,
+                          export, layout=bundle.layout, resume=state)
+    assert res.steps == 3 and [h["step"] for h in res.history] == [1, 2, 3]
+    assert 0.98 * 300_000 <= res.sized.file_bytes <= 300_000
+
+
 # ------------------------------------------------------------------ ranks stay learned
 @pytest.fixture(scope="module")
 def recovery_tasks():
