@@ -89,7 +89,11 @@ def _train(args, folder: Path, out_dir: Path) -> int:
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
+    if args.rank_tol is not None and (args.size_mb or args.params) is not None:
+        raise ValueError("--rank-tol and a size budget are both given: with --size-mb/--params "
+                         "the budget decides every rank, so drop --rank-tol")
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite,
+                                 dtype=args.save_dtype, size_mb=args.size_mb, params=args.params,
                                  **({} if args.rank_tol is None else {"rank_tol": args.rank_tol}))
     # every file the run will write, checked before any work (name, folder, resume file)
     run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
@@ -128,6 +132,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
           f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
           f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
+    if out.sized is not None:  # the notes were warned already
+        _say(f"size budget: {out.sized.summary().splitlines()[0]}", sys.stdout)
     for p in run.outputs():
         _say(f"wrote {p}", sys.stdout)
     return 0
@@ -361,9 +367,17 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="resume even though settings or photos differ from the state's")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="write a resumable state every N steps (default: only on Ctrl-C)")
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the saved file (and of --size-mb)")
+    g = p.add_mutually_exclusive_group()
     for flag, kind, field, text in _TRAIN_OPTIONS:
-        p.add_argument(f"--{flag}", type=kind, default=None,
-                       help=f"{text} ({_preset_default(field)})")
+        (g if flag == "r-target" else p).add_argument(
+            f"--{flag}", type=kind, default=None, help=f"{text} ({_preset_default(field)})")
+    g.add_argument("--size-mb", type=float, default=None,
+                   help="train to a file size: MB (10^6 bytes) on disk at --save-dtype, header "
+                        "included; the file lands within 2%% below it, ranks still learned")
+    g.add_argument("--params", type=int, default=None,
+                   help="train to a parameter count, sum of r (m + n) over the file")
 
 
 def build_parser() -> argparse.ArgumentParser:

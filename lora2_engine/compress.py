@@ -44,7 +44,7 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 LOWER_BOUND = 0.98  # a byte budget is met from below: file bytes in [0.98, 1] x budget
 _STALE = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
           "lora_adapter_metadata", "lora2.padded_to", "lora2.original_ranks",
-          "lora2.source_dtype")
+          "lora2.source_dtype", "lora2.split")
 
 
 @dataclass
@@ -147,14 +147,16 @@ def _names(lora: LoraFile) -> dict[str, str]:
 
 
 def _metadata(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mapping[str, int],
-              budget: Budget, provenance: dict) -> dict[str, str]:
+              budget: Budget, provenance: dict, keep_record: tuple[str, ...] = ()
+              ) -> dict[str, str]:
     meta = {k: v for k, v in template.metadata.items() if k not in _STALE}
     kept = {k: r for k, r in ranks.items() if r > 0}
     record = template.lora2_modules()
     if isinstance(record, dict):  # our own record: new ranks, nu no longer describes them
-        meta["lora2.modules"] = json.dumps(
-            {n: {k: v for k, v in rec.items() if k != "nu"} | {"rank": kept[rec["key"]]}
-             for n, rec in record.items() if isinstance(rec, dict) and rec.get("key") in kept})
+        meta["lora2.modules"] = json.dumps(  # (unless kept: a trained run's learned nu);
+            {n: {k: v for k, v in rec.items() if k != "nu" or k in keep_record}  # a module
+             | {"rank": kept.get(rec["key"], 0)}  # left out stays in the record at rank 0
+             for n, rec in record.items() if isinstance(rec, dict)})
     fam = template.family()
     if fam:
         meta["lora2.family"] = fam
@@ -168,10 +170,11 @@ def _metadata(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mappin
 
 def build(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mapping[str, int],
           dtype: torch.dtype, budget: Budget, provenance: dict,
-          placeholder: bool = False) -> LoraFile:
+          placeholder: bool = False, keep_record: tuple[str, ...] = ()) -> LoraFile:
     """The LoRA file with every module refactored to its rank (rank 0 drops the module).
 
     ``placeholder`` builds zero tensors of the right shapes: same header and size, no SVD.
+    ``keep_record``: fields of our per-module record kept as they are (e.g. ``"nu"``).
     """
     modules = {}
     for key, spec in spectra.items():
@@ -184,7 +187,7 @@ def build(template: LoraFile, spectra: Mapping[str, Spectrum], ranks: Mapping[st
                                          file_alpha(template.style, r))
         else:
             modules[key] = spec.module(r, dtype, file_alpha(template.style, r))
-    meta = _metadata(template, spectra, ranks, budget, provenance)
+    meta = _metadata(template, spectra, ranks, budget, provenance, keep_record)
     if "ss_network_dim" in meta or "ss_network_alpha" in meta:
         set_metadata(meta, network_metadata(modules))
     return LoraFile(modules, template.style, meta, dict(template.extra))
@@ -206,44 +209,65 @@ def choose_ranks(spectra: Mapping[str, Spectrum], budget: Budget, *, min_rank: i
     return allocate_error(sv, costs, budget.value, min_rank=min_rank, max_rank=caps)
 
 
-def _fit_bytes(template, spectra, budget, dtype, provenance, min_rank):
+def _fit_bytes(template, spectra, budget, dtype, provenance, min_rank, keep_record=()):
     """Ranks and file bytes for a byte budget: allocate, serialise, measure, lower, repeat."""
     bpp = torch.empty((), dtype=dtype).element_size()
     sv = {k: s.s for k, s in spectra.items()}
     costs = {k: s.rank_cost * bpp for k, s in spectra.items()}
     caps = {k: s.max_rank for k, s in spectra.items()}
-    lo = {k: min(min_rank, caps[k]) for k in spectra}
-    smallest = len(serialize(build(template, spectra, lo, dtype, budget, provenance, True)))
+    floor = max(min_rank, 1)  # min_rank 0: the header of every module is still counted
+    lo = {k: min(floor, caps[k]) for k in spectra}
+    smallest = len(serialize(build(template, spectra, lo, dtype, budget, provenance, True,
+                                   keep_record)))
     if smallest > budget.value:
         raise BudgetError(
             f"{budget.describe()} is below the smallest file these {len(spectra)} modules fit in "
-            f"(rank {min_rank} each, header and metadata included: {smallest:,} bytes): give at "
+            f"(rank {floor} each, header and metadata included: {smallest:,} bytes): give at "
             f"least {smallest / MB:.3f} MB")
-    overhead = smallest - minimum_cost(sv, costs, min_rank, caps)
-    target = budget.value - overhead
-    for _ in range(8):
+    overhead = smallest - minimum_cost(sv, costs, floor, caps)
+    target, step = budget.value - overhead, min(costs.values())
+    best, fits, over = None, None, None  # the largest target that fit, the smallest that did not
+    for _ in range(16):
         ranks = allocate(sv, costs, max(target, 0), min_rank=min_rank, max_rank=caps)
-        lora = build(template, spectra, ranks, dtype, budget, provenance)
+        lora = build(template, spectra, ranks, dtype, budget, provenance,
+                     keep_record=keep_record)
         data = serialize(lora)
-        if len(data) <= budget.value:
-            return ranks, lora, data
-        spent = sum(ranks[k] * costs[k] for k in ranks)
-        target = spent - (len(data) - budget.value)  # the header grew (wider numbers)
-    raise BudgetError(f"could not fit {budget.describe()} after 8 tries; please report this")
+        gap = budget.value - len(data)  # the header grew (wider numbers) or shrank (modules
+        if gap >= 0:                    # left out at min_rank 0): move the tensor budget by it
+            if best is None or len(data) > len(best[2]):
+                best = ranks, lora, data
+            if len(data) >= LOWER_BOUND * budget.value:
+                break
+            fits = target
+        else:
+            over = target
+        if fits is not None and over is not None:  # a module let back in brings its header:
+            if over - fits < step:                  # bisect between the two
+                break
+            target = (fits + over) / 2
+        else:
+            target = target + gap if gap >= 0 else \
+                sum(ranks[k] * costs[k] for k in ranks) + gap
+    if best is None:
+        raise BudgetError(f"could not fit {budget.describe()} after 16 tries; please report this")
+    return best
 
 
 def refactor(template: LoraFile, spectra: Mapping[str, Spectrum], budget: Budget,
              dtype: torch.dtype, provenance: dict, *, min_rank: int = 1,
              names: Mapping[str, str] | None = None, ranks_before: Mapping[str, int] | None = None,
-             source_bytes: int | None = None) -> CompressResult:
+             source_bytes: int | None = None, keep_record: tuple[str, ...] = ()
+             ) -> CompressResult:
     """Choose ranks for ``budget`` jointly over ``spectra`` and build the file."""
     if not spectra:
         raise BudgetError("there are no LoRA modules to compress")
     if budget.kind == "bytes":
-        ranks, lora, data = _fit_bytes(template, spectra, budget, dtype, provenance, min_rank)
+        ranks, lora, data = _fit_bytes(template, spectra, budget, dtype, provenance, min_rank,
+                                       keep_record)
     else:
         ranks = choose_ranks(spectra, budget, min_rank=min_rank)
-        lora = build(template, spectra, ranks, dtype, budget, provenance)
+        lora = build(template, spectra, ranks, dtype, budget, provenance,
+                     keep_record=keep_record)
         data = serialize(lora)
     return _result(lora, data, spectra, ranks, budget, names or {}, ranks_before or {},
                    source_bytes)

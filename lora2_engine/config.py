@@ -134,14 +134,40 @@ class ExportConfig:
     rank_tol: float = field(default=0.03, metadata={
         "help": "export each module at the smallest rank whose relative Frobenius error is at "
                 "most this (its numerical rank: the SVD of B Lambda A); 0 = the trained rank D"})
+    size_mb: float | None = field(default=None, metadata={
+        "help": "train to a file size: MB (10^6 bytes) of the file on disk at `dtype`, header "
+                "included; the file lands within 2% below it (sizing.py). Replaces r_target "
+                "and rank_tol"})
+    params: int | None = field(default=None, metadata={
+        "help": "train to a parameter count, sum of r (m + n) over the file's modules"})
 
     def __post_init__(self) -> None:
+        if self.size_mb is not None:
+            v = self.size_mb
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   and v > 0, "size_mb", v, "give the file size in MB as a positive number, "
+                   "e.g. 40 (or leave it unset to let the learned ranks decide)")
+        if self.params is not None:
+            v = self.params
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, "params", v,
+                   "give a positive whole number of parameters, e.g. 1000000")
+        _check(self.size_mb is None or self.params is None, "params", self.params,
+               f"give size_mb ({self.size_mb}) or params, not both")
         _check(isinstance(self.rank_tol, (int, float)) and 0 <= self.rank_tol < 1, "rank_tol",
                self.rank_tol, "use a relative error in [0, 1), e.g. 0.03")
         _check(self.key_style in KEY_STYLES, "key_style", self.key_style,
                f"choose one of {KEY_STYLES}")
         _check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype,
                "choose 'float32', 'float16' or 'bfloat16'")
+
+    @property
+    def budget(self):
+        """The size budget as a :class:`budget.Budget`, or ``None`` (learned ranks decide)."""
+        from .budget import Budget
+
+        if self.size_mb is not None:
+            return Budget.megabytes(self.size_mb)
+        return None if self.params is None else Budget.of_params(self.params)
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -20,11 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import sizing
 from .checkpointing import checkpointed_blocks
+from .compress import CompressResult
 from .config import AdapterConfig, ExportConfig, TrainConfig, to_dict
 from .families import Family, get
+from .formats.io import atomic_write_bytes
 from .formats.keys import UNetLayout
-from .formats.lora_file import LoraFile, adapters_to_lora, lora_bytes, write_lora
+from .formats.lora_file import LoraFile, adapters_to_lora, lora_bytes
 from .inject import attach
 from .precision import PrecisionConfig
 from .report import report_from_file
@@ -36,12 +39,14 @@ from .trainer import Callbacks, Trainer
 @dataclass
 class TrainResult:
     """What a run learned: the LoRA (in memory; ``lora.path`` once written), the loss history
-    and the rank of every component."""
+    and the rank of every component as written; ``sized``: with a size budget, the budget,
+    the file's bytes and each module's error (``sizing.py``)."""
 
     lora: LoraFile
     history: list[dict] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
     steps: int = 0
+    sized: CompressResult | None = None
 
 
 def fingerprint(model: nn.Module) -> tuple[dict[str, int], float]:
@@ -78,6 +83,9 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
     for the module's device and the adapters' dtype. ``resume_force`` resumes a state whose
     settings differ (``resume.py`` lists what differs otherwise). With ``run`` the state lives
     at ``run.state`` and the whole output set is published (see the module docstring).
+    With a size budget in ``export_cfg`` (``size_mb`` / ``params``) ``r_target`` comes from the
+    budget, a budget below rank 1 per module is refused before training, and the file spends
+    the budget on the learned updates' strongest directions (``sizing.py``).
     """
     if run is not None:
         checkpoint_path = run.state
@@ -95,6 +103,9 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         mixed, adapter_dtype = precision.resolve(next(module.parameters()).device)
         train_cfg = dataclasses.replace(train_cfg, mixed_precision=mixed)
     trainer_cfg = dataclasses.replace(train_cfg, grad_checkpointing=ckpt and own)
+    sized = export_cfg.budget is not None
+    if sized:
+        adapter_cfg = sizing.capacity_config(module, adapter_cfg, export_cfg)
     adapters = attach(module, adapter_cfg, seed=train_cfg.seed)
     if adapter_dtype is not None and adapter_dtype != torch.float32:
         for p in adapters.factor_parameters():
@@ -107,6 +118,9 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         if entropy is not None and entropy.num_layers == 0:
             raise ValueError(f"lambda_e={train_cfg.lambda_e}: no text→image attention layer "
                              f"found in this {family.display} model; set lambda_e to 0")
+        if sized:
+            sizing.check_budget(adapters, export_cfg, layout, train_cfg, train_cfg.steps,
+                                extra_metadata)
         trainer = Trainer(adapters, denoising_loss(denoiser), examples, trainer_cfg,
                           entropy=entropy, checkpoint_path=checkpoint_path, callbacks=callbacks)
         if resume:
@@ -114,17 +128,24 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         with checkpointed_blocks(module, checkpoint=ckpt and not own,
                                  out_of_place=family.inplace_blocks):
             history = trainer.run()
-        lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
-                                extra_metadata)
+        result = None
+        if sized:
+            result = sizing.export_to_budget(adapters, export_cfg, layout, train_cfg,
+                                             trainer.step, extra_metadata)
+            lora, data = result.lora, result.data
+        else:
+            lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
+                                    extra_metadata)
+            data = lora_bytes(lora)
         ranks = {row.name: row.rank for row in report_from_file(lora).rows}  # as written
         if run is not None:
             configs = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
                        "export": to_dict(export_cfg)}
             with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held; state kept
-                run.publish(lora_bytes(lora), run_side_files(run, lora, history, configs))
+                run.publish(data, run_side_files(run, lora, history, configs, len(data)))
             lora.path = run.adapter
         elif out_file is not None:
-            lora.path = write_lora(lora, out_file, overwrite=export_cfg.overwrite)
+            lora.path = atomic_write_bytes(out_file, data, overwrite=export_cfg.overwrite)
     finally:
         if entropy is not None:
             entropy.remove()
@@ -135,16 +156,19 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
     if checkpoint_path is not None and run is None:
         Path(checkpoint_path).unlink(missing_ok=True)
-    return TrainResult(lora, history, ranks, trainer.step)
+    return TrainResult(lora, history, ranks, trainer.step, result)
 
 
-def run_side_files(run: RunFiles, lora: LoraFile, history: list[dict], configs: dict
-                   ) -> dict[Path, bytes]:
+def run_side_files(run: RunFiles, lora: LoraFile, history: list[dict], configs: dict,
+                   file_bytes: int | None = None) -> dict[Path, bytes]:
     """The report, rank map, loss plot and configs a run leaves beside its adapter; the report
-    describes the file as written (numerical ranks, omitted zero modules at rank 0)."""
+    describes the file as written (numerical ranks, omitted zero modules at rank 0; with a
+    size budget: the budget, ``file_bytes`` and each module's error)."""
     from .report import figure_png, loss_figure, rank_map_figure, report_bytes
 
     report = report_from_file(lora)
+    if report.budget is not None:
+        report.file_bytes = file_bytes
     return {run.report_json: report_bytes(report),
             run.rank_map: figure_png(rank_map_figure(report, f"{run.name}: learned rank per "
                                                              "component")),

@@ -131,6 +131,21 @@ def build_configs(preset_name: str, options: dict):
         raise ValueError(f"LoRA² settings: {exc}") from None
 
 
+def export_config(key_style: str, save_dtype: str, size_mb: float, r_target: float | None):
+    """TrainAdaptiveLoRA's export settings; ``size_mb`` 0 = no budget, else it replaces
+    ``r_target`` (a changed r_target with a budget is refused: the budget derives it)."""
+    from ..lora2_engine.config import ExportConfig
+
+    if size_mb and r_target:
+        raise ValueError(f"LoRA² settings: size_mb={size_mb:g} and r_target={r_target:g} are "
+                         "both set: a size budget chooses r_target itself, so leave r_target "
+                         "at the preset's value (or set size_mb to 0)")
+    try:
+        return ExportConfig(key_style=key_style, dtype=save_dtype, size_mb=size_mb or None)
+    except ConfigError as exc:
+        raise ValueError(f"LoRA² settings: {exc}") from None
+
+
 def safe_relative_name(name: str, suffix: str = ".safetensors") -> PurePosixPath:
     """A file name confined to one folder: no absolute path, no ``..``, no odd characters."""
     name = name.strip().replace("\\", "/")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..lora2_engine.config import DEFAULT_PRESET, PRESETS, ExportConfig, preset
+from ..lora2_engine.config import DEFAULT_PRESET, PRESETS, preset
 from ..lora2_engine.diffusion import preview, train_diffusion
 from ..lora2_engine.formats.io import check_can_create, resolve_inside
 from ..lora2_engine.precision import ADAPTER_DTYPES, TRAINING_DTYPES, PrecisionConfig
@@ -138,6 +138,10 @@ def _inputs() -> list:
                        "have it (else fp16 + loss scaling), fp32 on the CPU (faster there)"),
         io.Combo.Input("adapter_dtype", options=list(ADAPTER_DTYPES), default="fp32",
                        optional=True, tooltip="dtype of the trained A/B matrices"),
+        F("size_mb", default=0.0, min=0.0, max=100000.0, step=0.1, optional=True,
+          tooltip="train to a file size: MB on disk at save_dtype (the file lands within 2% "
+                  "below it; ranks still learned, strongest directions kept). 0 = the learned "
+                  "ranks decide. Replaces r_target"),
     ]
     return basic + [advanced(i) for i in rare]
 
@@ -161,14 +165,16 @@ class TrainAdaptiveLoRA(io.ComfyNode):
     def execute(cls, model, preset, steps, seed, filename, clip=None, vae=None, subject=None,
                 latents=None, positive=None, key_style="kohya", save_dtype="float32",
                 preview_every=0, resume="", training_dtype="auto", adapter_dtype="fp32",
-                **options) -> io.NodeOutput:
+                size_mb=0.0, **options) -> io.NodeOutput:
         family = bridge.require_family(model.model)
         family.check_key_style(key_style, in_comfyui=True)
         given = {k: options.pop(k, None) for k in PRESET_WIDGETS}
         adapter_cfg, train_cfg = _configs(family, preset, steps, seed, given, options)
         precision = PrecisionConfig(training_dtype, adapter_dtype)
         precision.resolve(bridge.compute_device())  # refuse e.g. fp16 on a CPU before work
-        export_cfg = ExportConfig(key_style=key_style, dtype=save_dtype)
+        r_set = given.get("r_target") not in (None, preset_values()[preset]["r_target"])
+        export_cfg = core.export_config(key_style, save_dtype, size_mb,
+                                        given["r_target"] if r_set else None)
         out = core.free_path(bridge.loras_folder(), filename) if filename.strip() else None
         examples = core.stackable(bridge.training_examples(model, clip, vae, subject, latents,
                                                            positive), train_cfg.batch_size)
@@ -215,7 +221,8 @@ def _status(out: Path | None, result, family, preset_name: str, given: dict,
         f"(mean {sum(ranks) / len(ranks):.1f})",
         f"{hist[-1]['step']} steps in {seconds:.0f} s, task loss {hist[0]['task']:.4f} -> "
         f"{hist[-1]['task']:.4f}",
-        f"preset {preset_name}" + (f", changed: {', '.join(changed)}" if changed else "")])
+        f"preset {preset_name}" + (f", changed: {', '.join(changed)}" if changed else "")]
+        + ([f"size budget: {result.sized.summary()}"] if result.sized else []))
 
 
 def _train(model, examples, adapter_cfg, train_cfg, export_cfg, out: Path | None,

@@ -98,6 +98,27 @@ def test_merge_node_writes_within_budget_and_loads_in_stock_loader(server, sourc
     assert _load_in_stock_loader(server, "budget/merged.safetensors") == []
 
 
+def test_train_node_writes_a_file_of_the_chosen_size(server):
+    """TrainAdaptiveLoRA with size_mb through POST /prompt: the file on disk lands within 2%
+    below the budget at the save dtype, the node says so, and stock LoraLoader loads it all."""
+    from .test_server import tiny
+    from .workflow_tools import WORKFLOWS, load
+
+    budget_mb = 0.15
+    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"), filename="budget/trained",
+               size_mb=budget_mb, save_dtype="float16", steps=3, preview_every=0)
+    out = server.run(api, timeout=900)["outputs"]
+    path = server.base / "models" / "loras" / "budget" / "trained.safetensors"
+    assert 0.98 * budget_mb * 1e6 <= os.path.getsize(path) <= budget_mb * 1e6
+    train_id = next(k for k, v in api.items() if v["class_type"] == "LoRA2_TrainAdaptiveLoRA")
+    text = out[train_id]["text"][0]
+    assert "size budget:" in text and "0.15 MB" in text
+    report_id = next(k for k, v in api.items() if v["class_type"] == "LoRA2_RankReport")
+    assert "rel.error" in out[report_id]["text"][0]
+    assert {t.dtype for t in load_file(str(path)).values()} >= {torch.float16}
+    assert _load_in_stock_loader(server, "budget/trained.safetensors") == []
+
+
 def test_merge_node_needs_two_loras(server, sources):
     api = {"1": {"class_type": "LoRA2_MergeLoRAs", "inputs": {
         "method": "linear", "density": 0.5, "seed": 0, "size_mb": 0.1,

@@ -133,6 +133,22 @@ def test_inference_tensors_are_released_for_training(core, moved):
     assert core.release_inference_tensors(net) == 0
 
 
+@pytest.mark.parametrize("size_mb,r_target,match", [
+    (4.0, 8.0, "size_mb=4 and r_target=8 are both set.*set r_target to 0"),
+    (-1.0, 0.0, "size_mb=-1.0 is invalid: give the file size in MB"),
+])
+def test_train_node_budget_settings_are_checked(core, size_mb, r_target, match):
+    with pytest.raises(ValueError, match=match):
+        core.export_config("kohya", "float16", size_mb, r_target)
+
+
+def test_train_node_budget_settings(core):
+    off = core.export_config("comfy", "bfloat16", 0.0, 8.0)  # 0 = no budget: r_target rules
+    assert off.budget is None and off.key_style == "comfy" and off.dtype == "bfloat16"
+    on = core.export_config("kohya", "float16", 12.5, 0.0)
+    assert on.size_mb == 12.5 and on.budget.value == 12_500_000 and on.dtype == "float16"
+
+
 def test_build_configs_names_the_bad_option(core):
     with pytest.raises(ValueError, match="r_target"):
         core.build_configs("spread", {"r_target": -3.0})

@@ -27,7 +27,7 @@ EXPECTED = {  # node id → (required inputs, optional inputs, output types)
          "nu_lr": "FLOAT", "batch_size": "INT", "grad_accum": "INT", "targets": "STRING",
          "key_style": "COMBO", "save_dtype": "COMBO", "gradient_checkpointing": "COMBO",
          "checkpoint_every": "INT", "preview_every": "INT", "resume": "STRING",
-         "training_dtype": "COMBO", "adapter_dtype": "COMBO"},
+         "training_dtype": "COMBO", "adapter_dtype": "COMBO", "size_mb": "FLOAT"},
         ["ADAPTIVE_LORA", "IMAGE", "IMAGE"]),
     "LoRA2_ApplyAdaptiveLoRA": (
         {"model": "MODEL", "strength_model": "FLOAT"},
