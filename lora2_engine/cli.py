@@ -58,62 +58,100 @@ def _class_noun(folder: Path, default: str) -> str:
     return default
 
 
-def _train(args, folder: Path, out_dir: Path) -> int:
-    import dataclasses
-
-    from .data import instance_prompt, load_subject
-    from .diffusion import train_diffusion
-    from .models.loader import load_model
-    from .precision import PrecisionConfig
-    from .runfiles import RunFiles
-    from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
-
-    overrides = {"steps": args.steps, "seed": args.seed}
+def _configs(args):
+    """The validated configs of the command line (refused before any work)."""
+    overrides = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size}
     for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
               "checkpoint_every"):
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
-    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)  # refused before any work
+    adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    return adapter_cfg, train_cfg, export
+
+
+def _device(args, parallel):
+    """``--device``: auto is this process's GPU when there is one, else the CPU."""
+    import torch
+
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to this process; use "
+                         "--device cpu (or auto)")
+    return parallel.device or torch.device("cuda", torch.cuda.current_device())
+
+
+def _subject_run(args, folder: Path, out_dir: Path, model, parallel, *, name: str,
+                 resume=None, say=None):
+    """Plan, read and train one subject folder into ``out_dir/<name>.*``; returns the
+    ``TrainResult`` (exceptions are the caller's: the CLI reports them, the sweep records)."""
+    import dataclasses
+
+    from .data import instance_prompt, load_subject
+    from .diffusion import train_diffusion
+    from .precision import PrecisionConfig
+    from .runfiles import RunFiles
+    from .trainer import Callbacks
+
+    say = say or (lambda *_a: None)
+    adapter_cfg, train_cfg, export = _configs(args)
     # every file the run will write, checked before any work (name, folder, resume file)
-    run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
+    run = RunFiles.plan(out_dir, name, overwrite=args.overwrite, resume=resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
     for w in data.warnings():
-        _say(f"warning: {w}")
-    model = load_model(args.model)
+        say(f"warning: {w}")
     adapter_cfg = dataclasses.replace(adapter_cfg,
                                       targets=model.family.resolve_targets(args.targets))
     train_cfg = dataclasses.replace(train_cfg, grad_checkpointing=model.family.grad_checkpointing)
-    examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
-    _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
-         f"(model {args.model}, preset {args.preset})", sys.stdout)
-    bar, on_step = _progress(train_cfg.steps)
+    device = _device(args, parallel)
+    model.denoiser.module.to(device)
+    examples = [{k: v.to(device) if hasattr(v, "to") else v for k, v in ex.items()}
+                for ex in model.encode([i.pixels for i in data.images],
+                                       [i.caption for i in data.images])]
+    procs = f", {parallel.world} processes" if parallel.active else ""
+    say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
+        f"(model {args.model}, preset {args.preset}{procs})", sys.stdout)
+    bar, on_step = _progress(train_cfg.steps) if say is _say else (None, None)
+    try:
+        return train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
+                               export, layout=model.layout,
+                               callbacks=Callbacks(on_step=on_step), resume=resume,
+                               resume_force=args.resume_force, run=run, parallel=parallel,
+                               precision=PrecisionConfig(args.training_dtype,
+                                                         args.adapter_dtype),
+                               extra_metadata={"lora2.name": name, "ss_output_name": name}), run
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _train(args, folder: Path, out_dir: Path) -> int:
+    from .models.loader import load_model
+    from .parallel import Parallel
+    from .trainer import NonFiniteLoss, TrainingInterrupted
+
+    _configs(args)  # bad settings are refused before the processes meet or the model loads
+    parallel = Parallel.from_env()
+    say = _say if parallel.is_main else (lambda *_a: None)  # one process speaks
     t0 = time.perf_counter()
     try:
-        out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
-                              export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
-                              resume=args.resume, resume_force=args.resume_force, run=run,
-                              precision=PrecisionConfig(args.training_dtype, args.adapter_dtype),
-                              extra_metadata={"lora2.name": args.name,
-                                              "ss_output_name": args.name})
+        out, run = _subject_run(args, folder, out_dir, load_model(args.model), parallel,
+                                name=args.name, resume=args.resume, say=say)
     except TrainingInterrupted as exc:
-        bar.close()
-        _say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
+        say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
         return 128 + (exc.signal or 2)
     except NonFiniteLoss as exc:
-        bar.close()
-        _say(f"\nerror: {exc}")
+        say(f"\nerror: {exc}")
         return 1
-    finally:
-        bar.close()
     ranks = list(out.ranks.values())
-    print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
-          f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
-          f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
+    say(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
+        f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
+        f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}", sys.stdout)
     for p in run.outputs():
-        _say(f"wrote {p}", sys.stdout)
+        say(f"wrote {p}", sys.stdout)
     return 0
 
 
@@ -254,6 +292,11 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--steps", type=int, default=100 if demo else 500)
     p.add_argument("--resolution", type=int, default=256 if demo else 512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="examples per step and process (torchrun / accelerate launch: the "
+                        "global batch is this times the number of processes)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: this process's GPU when there is one, else the CPU")
     p.add_argument("--name", default="lora2_demo" if demo else "lora2")
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -374,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, and where to report it
         if debug:
             raise
+        from .parallel import PeerFailed
+
+        if isinstance(exc, PeerFailed):  # another process of the launch said why
+            return 1
         _say(f"error: unexpected {type(exc).__name__}: {exc}. This is a bug in LoRA2: please "
              "report it with the command you ran (LORA2_DEBUG=1 shows the traceback)")
         return 1
