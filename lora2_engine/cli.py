@@ -1,4 +1,4 @@
-"""``python -m lora2_engine demo | train | report | pad | compress | merge``."""
+"""``python -m lora2_engine demo | train | sweep | report | pad | compress | merge``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from . import config as cfgmod
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "dreambooth"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "dreambooth"
+SWEEP_CHECKPOINT_EVERY = 50
 
 
 def _progress(total: int, start: int = 0):
@@ -83,9 +84,10 @@ def _device(args, parallel):
 
 
 def _subject_run(args, folder: Path, out_dir: Path, model, parallel, *, name: str,
-                 resume=None, say=None):
-    """Plan, read and train one subject folder into ``out_dir/<name>.*``; returns the
-    ``TrainResult`` (exceptions are the caller's: the CLI reports them, the sweep records)."""
+                 resume=None, say=None, run=None):
+    """Plan (unless ``run`` is given), read and train one subject folder into
+    ``out_dir/<name>.*``; returns ``(TrainResult, RunFiles)``. Exceptions are the caller's:
+    the CLI reports them, the sweep records them."""
     import dataclasses
 
     from .data import instance_prompt, load_subject
@@ -97,7 +99,7 @@ def _subject_run(args, folder: Path, out_dir: Path, model, parallel, *, name: st
     say = say or (lambda *_a: None)
     adapter_cfg, train_cfg, export = _configs(args)
     # every file the run will write, checked before any work (name, folder, resume file)
-    run = RunFiles.plan(out_dir, name, overwrite=args.overwrite, resume=resume)
+    run = run or RunFiles.plan(out_dir, name, overwrite=args.overwrite, resume=resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
@@ -165,6 +167,46 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     folder = _subject_folder(args.images)
     return _train(args, folder, Path(args.out))
+
+
+def cmd_sweep(args) -> int:
+    """One adapter per subject folder, spread over the processes of a launch (or several
+    sweeps started by hand): see ``sweep.py``."""
+    import os
+
+    from .models.loader import load_model
+    from .parallel import Parallel
+    from .sweep import Sweep, markdown
+
+    if args.overwrite or args.resume:
+        raise ValueError("sweep never replaces a finished adapter and resumes half-done "
+                         "subjects by itself: drop --overwrite/--resume (delete a subject's "
+                         "adapter to train it again)")
+    if args.checkpoint_every is None:  # a killed sweep loses at most this many steps
+        args.checkpoint_every = SWEEP_CHECKPOINT_EVERY
+    _configs(args)  # bad settings are refused before any work
+    rank = int(os.environ.get("RANK", "0") or 0)  # torchrun / accelerate launch worker index
+    single = Parallel(local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
+    if _device(args, single).type == "cuda":  # each worker trains on its own GPU
+        import torch
+
+        torch.cuda.set_device(single.local_rank % torch.cuda.device_count())
+    model = load_model(args.model)
+    out = Path(args.out)
+    tag = f"[{rank}] " if "WORLD_SIZE" in os.environ else ""
+
+    def say(msg: str) -> None:
+        _say(tag + msg, sys.stdout)
+
+    def train_one(folder: Path, run) -> None:
+        _subject_run(args, folder, out, model, single, name=run.name, resume=run.resume,
+                     run=run)
+
+    rows = Sweep(args.subjects, out, train_one, rank=rank, say=say).run()
+    if rank == 0:
+        _say(markdown(rows), sys.stdout)
+        _say(f"wrote {out / 'sweep_summary.md'}, .csv and sweep_rank_maps.png", sys.stdout)
+    return 1 if any(r.status == "failed" for r in rows) else 0
 
 
 def cmd_report(args) -> int:
@@ -323,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     _train_args(p, demo=False)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="train one adapter per subject folder (resumable; "
+                       "spread over the processes of torchrun / accelerate launch)")
+    p.add_argument("subjects", help="a folder with one folder of photos per subject")
+    p.add_argument("--out", required=True, help="output folder: <subject>.safetensors and "
+                   "its report files, sweep_summary.md/.csv, sweep_rank_maps.png")
+    _train_args(p, demo=False)
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="per-component ranks and sizes of a LoRA file")
     p.add_argument("file")
     p.add_argument("--png", default=None, help="also write a rank map picture")

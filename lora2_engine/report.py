@@ -49,6 +49,11 @@ class RankReport:
                 "budget": self.budget, "file_bytes": self.file_bytes,
                 "total_rel_error": self.total_rel_error}
 
+    @classmethod
+    def from_json(cls, data: dict) -> RankReport:
+        """The report a ``.rank_report.json`` holds (see :meth:`to_json`)."""
+        return cls([ComponentRow(**c) for c in data["components"]])
+
     def table(self) -> str:
         """A plain-text table, one line per component, then totals."""
         w = max(len(r.name) for r in self.rows)
@@ -123,12 +128,8 @@ _BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks|down_blocks|mid_b
                     r"[._](\d+)?.*?transformer_blocks[._](\d+)[._](attn[12])[._](to_\w+)")
 
 
-def rank_map_figure(report: RankReport, title: str = "learned rank per component"):
-    """A heat map: rows = transformer blocks, columns = q/k/v/out of self- and cross-attn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _rank_grid(report: RankReport):
+    """Rows = transformer blocks, columns = q/k/v/out of self- and cross-attn (NaN: none)."""
     import numpy as np
 
     cols = [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out")]
@@ -145,16 +146,61 @@ def rank_map_figure(report: RankReport, title: str = "learned rank per component
     for i, b in enumerate(names):
         for j, c in enumerate(cols):
             grid[i, j] = blocks[b].get(c, np.nan)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.2 + 0.32 * len(names)))
+    return names, cols, grid
+
+
+def _draw_rank_map(ax, report: RankReport, title: str, small: bool = False):
+    import numpy as np
+
+    names, cols, grid = _rank_grid(report)
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     for i in range(len(names)):
         for j in range(len(cols)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, int(grid[i, j]), ha="center", va="center", color="w", fontsize=7)
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(title, fontsize=10)
+                ax.text(j, i, int(grid[i, j]), ha="center", va="center", color="w",
+                        fontsize=5 if small else 7)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=6 if small else 8)
+    ax.set_yticks(range(len(names)), names, fontsize=5 if small else 7)
+    ax.set_title(title, fontsize=9 if small else 10)
+    return im, len(names), len(cols)
+
+
+def rank_map_figure(report: RankReport, title: str = "learned rank per component"):
+    """A heat map: rows = transformer blocks, columns = q/k/v/out of self- and cross-attn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, cols, _ = _rank_grid(report)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.2 + 0.32 * len(names)))
+    im, _, _ = _draw_rank_map(ax, report, title)
     fig.colorbar(im, ax=ax, label="rank")
+    fig.tight_layout()
+    return fig
+
+
+def contact_sheet_figure(reports: dict[str, RankReport], title: str = "learned ranks",
+                         columns: int = 4):
+    """The rank maps of several adapters side by side (one panel per adapter)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(reports), 1)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    shape = max((_rank_grid(r)[2].shape for r in reports.values()), default=(4, 8))
+    fig, axes = plt.subplots(rows, cols, squeeze=False,
+                             figsize=(cols * (1.0 + 0.6 * shape[1]),
+                                      rows * (1.4 + 0.25 * shape[0])))
+    for ax, (name, rep) in zip(axes.flat, reports.items()):
+        im, _, _ = _draw_rank_map(ax, rep, name, small=True)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    for ax in list(axes.flat)[len(reports):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
