@@ -202,10 +202,14 @@ def cmd_sweep(args) -> int:
         _subject_run(args, folder, out, model, single, name=run.name, resume=run.resume,
                      run=run)
 
-    rows = Sweep(args.subjects, out, train_one, rank=rank, say=say).run()
-    if rank == 0:
-        _say(markdown(rows), sys.stdout)
-        _say(f"wrote {out / 'sweep_summary.md'}, .csv and sweep_rank_maps.png", sys.stdout)
+    # in a launch, process 0 reports (a worker's non-zero exit would make torchrun stop the
+    # others); sweeps started by hand each report
+    reports = rank == 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+    rows = Sweep(args.subjects, out, train_one, rank=rank, say=say).run(summary=reports)
+    if not reports:
+        return 0
+    _say(markdown(rows), sys.stdout)
+    _say(f"wrote {out / 'sweep_summary.md'}, .csv and sweep_rank_maps.png", sys.stdout)
     return 1 if any(r.status == "failed" for r in rows) else 0
 
 

@@ -109,8 +109,9 @@ class Sweep:
         self.errors: dict[str, str] = {}  # subjects whose run could not even be named
 
     # -- the work ---------------------------------------------------------------------------
-    def run(self) -> list[Row]:
-        """Train every free subject, wait for the others' subjects, write the summary."""
+    def run(self, summary: bool = True) -> list[Row]:
+        """Train every free subject, wait for the others' subjects, write the summary (or
+        only read the rows: the workers of a launch leave it to process 0)."""
         self.out.mkdir(parents=True, exist_ok=True)
         n = len(self.folders)
         order = [self.folders[(self.rank + i) % n] for i in range(n)]  # workers start apart
@@ -120,7 +121,7 @@ class Sweep:
             if all(self._settled(f) for f in self.folders):
                 break
             time.sleep(POLL_S)  # the rest is being trained by other processes
-        return self.write_summary()
+        return self.write_summary() if summary else self.rows()
 
     def _failure_file(self, name: str) -> Path:
         return self.out / f"{name}{FAILED_SUFFIX}"

@@ -180,11 +180,12 @@ class Trainer:
             return
         ranks = self.adapters.ranks()
         lo, hi = self.parallel.extremes(list(ranks.values()))
-        differ = [n for n, a, b in zip(ranks, lo, hi) if a != b]
+        differ = [(n, int(a), int(b)) for n, a, b in zip(ranks, lo, hi) if a != b]
         if differ:
-            raise RuntimeError(f"the processes disagree on the rank of {differ[0]} after step "
-                               f"{self.step} ({int(lo[0])} vs {int(hi[0])}); this is a bug in "
-                               "LoRA2's data-parallel training: please report it")
+            name, a, b = differ[0]
+            raise RuntimeError(f"the processes disagree on the rank of {name} after step "
+                               f"{self.step} ({a} vs {b}); this is a bug in LoRA2's "
+                               "data-parallel training: please report it")
 
     NORM_STEPS = 8  # task_norm="initial": the loss unit is the mean of the first 8 losses
     NU_EMA = 0.99  # nu_signal="normalized": memory of the RMS of nu's task gradient

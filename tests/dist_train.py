@@ -34,6 +34,16 @@ def examples(n: int, model) -> list[dict]:
     return model.encode(pixels, [f"a photo of sks thing {i}" for i in range(n)])
 
 
+def configs(model, steps: int, batch_size: int) -> tuple[AdapterConfig, TrainConfig]:
+    """Ranks that move both ways within a few steps (nu moves ~0.3 a step); growth makes
+    pending slots, initialised from the (averaged) gradient."""
+    a_cfg = AdapterConfig(init_rank=3, r_max=12, r_target=1.0,
+                          targets=model.family.resolve_targets("attention"))
+    t_cfg = TrainConfig(steps=steps, lr=3e-3, nu_lr=0.3, lambda_r=0.6, lambda_e=0.0,
+                        batch_size=batch_size, seed=7)
+    return a_cfg, t_cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -47,12 +57,7 @@ def main() -> None:
     out = Path(args.out)
     model = load_model("tiny-sd15")
     data = examples(5, model)
-    # ranks that move both ways within a few steps: nu moves 0.3 per step, growth makes
-    # pending slots that are initialised from the (averaged) gradient
-    a_cfg = AdapterConfig(init_rank=3, r_max=12, r_target=1.0,
-                          targets=model.family.resolve_targets("attention"))
-    t_cfg = TrainConfig(steps=args.steps, lr=3e-3, nu_lr=0.3, lambda_r=0.6, lambda_e=0.0,
-                        batch_size=args.batch_size, seed=7)
+    a_cfg, t_cfg = configs(model, args.steps, args.batch_size)
     adapters = attach(model.denoiser.module, a_cfg, seed=7)
     per_step: list[dict] = []
 

@@ -1,0 +1,141 @@
+"""Data-parallel training and the many-subject sweep, on the CPU (gloo, 1 thread a process).
+
+The reference for N processes with batch b is one process with batch N*b: every process draws
+the same global batch and noise and computes its shard, so the adapters must agree within fp32
+rounding, and the processes must agree on every rank at every step bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora2_engine.resume import ResumeMismatch
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "tests" / "dist_train.py"
+DOG = ROOT / "assets" / "dreambooth" / "dog"
+STEPS = 8
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="this torch build has no torch.distributed")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return {k: v for k, v in env.items() if not k.startswith("ACCELERATE_")}
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *args]
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _harness(out: Path, nproc: int, *args: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if nproc == 1:
+        _run([sys.executable, str(HARNESS), str(out), *args])
+    else:
+        _run(_torchrun(nproc, str(HARNESS), str(out), *args))
+    return out
+
+
+def _delta_error(a_file: Path, b_file: Path) -> float:
+    """Largest relative Frobenius difference of B·A over the modules (+ nu's abs. difference)."""
+    a, b = load_file(a_file), load_file(b_file)
+    assert set(a) == set(b)
+    worst = 0.0
+    for key in a:
+        if key.endswith(".A"):
+            n = key[:-2]
+            assert a[key].shape == b[key].shape, f"{n}: ranks differ"
+            da, db = a[n + ".B"] @ a[key], b[n + ".B"] @ b[key]
+            worst = max(worst, float((da - db).norm() / da.norm().clamp_min(1e-30)))
+        elif key.endswith("nu_param"):
+            worst = max(worst, float((a[key] - b[key]).abs()))
+    return worst
+
+
+def _steps(folder: Path, rank: int = 0) -> dict:
+    return json.loads((folder / f"rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, batch 2, STEPS steps."""
+    return _harness(tmp_path_factory.mktemp("one"), 1, "--batch-size", "2",
+                    "--steps", str(STEPS))
+
+
+def test_two_processes_train_what_one_does_with_the_doubled_batch(reference, tmp_path):
+    two = _harness(tmp_path / "two", 2, "--batch-size", "1", "--steps", str(STEPS))
+    ref, p0, p1 = _steps(reference), _steps(two, 0), _steps(two, 1)
+    assert p0["world"] == p1["world"] == 2 and ref["world"] == 1
+    # the run exercises what must agree: ranks grow and shrink, pending slots get initialised
+    ranks_seen = {r for s in ref["per_step"] for r in s["ranks"].values()}
+    assert min(ranks_seen) < 3 < max(ranks_seen)
+    assert any(sum(s["pending"].values()) for s in ref["per_step"])
+    assert len(p0["per_step"]) == len(p1["per_step"]) == STEPS
+    for s0, s1, sr in zip(p0["per_step"], p1["per_step"], ref["per_step"]):
+        assert s0 == s1  # ranks, pending slots and nu: identical bits on both processes
+        assert s0["ranks"] == sr["ranks"], f"step {s0['step']}"
+    for h2, h1 in zip(p0["history"], ref["history"]):
+        assert h2["task"] == pytest.approx(h1["task"], rel=1e-5)
+    assert _delta_error(reference / "adapter.safetensors", two / "adapter.safetensors") < 1e-3
+
+
+def test_resume_with_another_process_count(reference, tmp_path):
+    """A state written by 2 processes (batch 1 each) resumes in 1 process with batch 2 and
+    ends where the uninterrupted run ends; a different global batch is refused."""
+    first = _harness(tmp_path / "first", 2, "--steps", str(STEPS), "--stop-at", "4")
+    state = first / "state.safetensors"
+    meta_ranks = _steps(first)["per_step"][-1]["ranks"]
+    second = _harness(tmp_path / "second", 1, "--batch-size", "2", "--steps", str(STEPS),
+                      "--resume", str(state))
+    hist = _steps(second)["history"]
+    assert [h["step"] for h in hist] == list(range(1, STEPS + 1))
+    assert [h["task"] for h in hist] == pytest.approx([h["task"] for h in
+                                                       _steps(reference)["history"]], rel=1e-5)
+    assert _steps(reference)["per_step"][3]["ranks"] == meta_ranks
+    assert _delta_error(reference / "adapter.safetensors", second / "adapter.safetensors") < 1e-3
+    # batch 1 in one process is another global batch: refused, naming it
+    with pytest.raises(ResumeMismatch, match="batch_size x processes: 2 in the state, 1 now"):
+        _resume_in_process(state, batch=1)
+
+
+def _resume_in_process(state: Path, batch: int) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import dist_train
+
+    from lora2_engine.inject import attach
+    from lora2_engine.models.loader import load_model
+    from lora2_engine.schedule import denoising_loss
+    from lora2_engine.trainer import Trainer
+
+    model = load_model("tiny-sd15")
+    a_cfg, t_cfg = dist_train.configs(model, STEPS, batch)
+    adapters = attach(model.denoiser.module, a_cfg, seed=7)
+    try:
+        Trainer(adapters, denoising_loss(model.denoiser), dist_train.examples(5, model),
+                t_cfg).load_checkpoint(state)
+    finally:
+        adapters.detach()
