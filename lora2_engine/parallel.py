@@ -78,9 +78,14 @@ class Parallel:
                 raise ValueError("this run was started by `accelerate launch`, but accelerate "
                                  "is not installed: pip install 'comfyui-lora2[distributed]', "
                                  "or start it with torchrun") from None
-            state = PartialState()
+            # without a GPU accelerate would treat each worker as a run of its own
+            state = PartialState(cpu=not torch.cuda.is_available())
+            if state.num_processes != world:
+                raise ValueError(f"accelerate set up {state.num_processes} process(es) for a "
+                                 f"launch of {world}: check `accelerate config` (or start the "
+                                 "run with torchrun)")
             return cls(state.process_index, state.num_processes, state.local_process_index,
-                       state.device)
+                       state.device if state.device.type == "cuda" else None)
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
         cuda = torch.cuda.is_available()
         if cuda:

@@ -139,3 +139,130 @@ def _resume_in_process(state: Path, batch: int) -> None:
                 t_cfg).load_checkpoint(state)
     finally:
         adapters.detach()
+
+
+# -- the command line under the launchers ----------------------------------------------------
+CLI = ["-m", "lora2_engine", "train", str(DOG), "--steps", "3", "--resolution", "64",
+       "--model", "tiny-sd15", "--key-style", "comfy"]
+
+
+def _cli_outcome(out: Path) -> tuple[dict, dict, dict]:
+    config = json.loads((out / "lora2.config.json").read_text())
+    ranks = {c["name"]: c["rank"] for c in
+             json.loads((out / "lora2.rank_report.json").read_text())["components"]}
+    return config["result"], ranks, load_file(out / "lora2.safetensors")
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory) -> Path:
+    """``python -m lora2_engine train`` in one process with batch 2."""
+    out = tmp_path_factory.mktemp("cli1") / "out"
+    _run([sys.executable, *CLI, "--batch-size", "2", "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_cli_under_a_launcher_matches_one_process(cli_reference, tmp_path, launcher):
+    out = tmp_path / "out"
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+        # on a machine without GPUs --multi_gpu still starts the workers (torchrun inside);
+        # the pack asks accelerate for CPU processes then
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    else:
+        prefix = _torchrun(2)
+    proc = _run([*prefix, *CLI, "--batch-size", "1", "--out", str(out)])
+    assert proc.stdout.count("wrote ") == 5 and "2 processes" in proc.stdout  # one speaker
+    result, ranks, tensors = _cli_outcome(out)
+    ref_result, ref_ranks, ref_tensors = _cli_outcome(cli_reference)
+    assert result["processes"] == 2 and ref_result["processes"] == 1
+    assert result["steps"] == ref_result["steps"] == 3
+    assert result["final_loss"] == pytest.approx(ref_result["final_loss"], rel=1e-5)
+    assert ranks == ref_ranks
+    assert set(tensors) == set(ref_tensors)
+    for key, ref in ref_tensors.items():
+        if key.endswith("lora_down.weight"):
+            up = key.replace("lora_down", "lora_up")
+            d, r = tensors[up] @ tensors[key], ref_tensors[up] @ ref
+            assert float((d - r).norm() / r.norm()) < 1e-2, key
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in
+                                                           cli_reference.iterdir())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the sweep -----------------------------------------------------------------------------------
+SWEEP = ["-m", "lora2_engine", "sweep", "--steps", "4", "--resolution", "64", "--model",
+         "tiny-sd15", "--checkpoint-every", "1"]
+
+
+def _subjects(root: Path) -> Path:
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for photo in sorted(DOG.glob("*.jpg"))[:2]:
+            shutil.copy(photo, root / name / photo.name)
+    (root / "empty").mkdir()
+    (root / "empty" / "x.jpg").write_bytes(b"not a jpeg")  # no usable image
+    return root
+
+
+def _fingerprint(folder: Path, name: str) -> dict[str, tuple[int, str]]:
+    return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.glob(f"{name}.*"))}
+
+
+def test_killed_sweep_resumes_and_reports_every_subject(tmp_path):
+    subjects, out = _subjects(tmp_path / "subjects"), tmp_path / "out"
+    cmd = [sys.executable, *SWEEP[:3], str(subjects), "--out", str(out), *SWEEP[3:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        # killed when a is done and b half-done (b's state is written after every step)
+        while not ((out / "a.safetensors").exists() and (out / "b.state.safetensors").exists()):
+            assert proc.poll() is None, "the sweep ended before it was killed"
+            assert time.monotonic() < deadline, "subject a never finished, or b never began"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_a = _fingerprint(out, "a")
+    assert "a.safetensors" in done_a and "a.config.json" in done_a
+    # the rerun: two processes share what is left
+    rerun = subprocess.run(_torchrun(2, *SWEEP[:3], str(subjects), "--out", str(out),
+                                     *SWEEP[3:]), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=400)
+    assert "3 done, 1 failed of 4 subjects" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert rerun.returncode != 0, "a failed subject makes the sweep's exit status non-zero"
+    assert _fingerprint(out, "a") == done_a  # a finished subject is never touched again
+    assert "b: resuming (step" in rerun.stdout  # a half-done subject resumes from its state
+    for name in ("b", "c"):
+        assert (out / f"{name}.safetensors").is_file() and not (
+            out / f"{name}.state.safetensors").exists()
+    table = (out / "sweep_summary.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 4, table
+    with open(out / "sweep_summary.csv", newline="") as fh:
+        import csv
+
+        got = {r["subject"]: r for r in csv.DictReader(fh)}
+    assert set(got) == {"a", "b", "c", "empty"}
+    for name in ("a", "b", "c"):
+        row = got[name]
+        rep = json.loads((out / f"{name}.rank_report.json").read_text())
+        assert row["status"] == "done" and row["steps"] == "4"
+        assert float(row["file_mb"]) == pytest.approx(
+            (out / f"{name}.safetensors").stat().st_size / 1e6, abs=1e-3)
+        assert (int(row["min_rank"]), int(row["max_rank"])) == (rep["min_rank"],
+                                                                 rep["max_rank"])
+        assert float(row["final_loss"]) > 0
+    assert got["empty"]["status"] == "failed" and "no usable image" in got["empty"]["note"]
+    assert (out / "sweep_rank_maps.png").read_bytes()[:4] == b"\x89PNG"
