@@ -136,7 +136,10 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     from .trainer import NonFiniteLoss, TrainingInterrupted
 
     _configs(args)  # bad settings are refused before the processes meet or the model loads
-    parallel = Parallel.from_env()
+    parallel = Parallel.from_env(fsdp=args.fsdp)
+    if parallel.fsdp and parallel.is_main:
+        _say(f"the model's weights are sharded over {parallel.world} processes (FSDP); "
+             "the adapters are replicated", sys.stdout)
     say = _say if parallel.is_main else (lambda *_a: None)  # one process speaks
     t0 = time.perf_counter()
     try:
@@ -178,6 +181,9 @@ def cmd_sweep(args) -> int:
     from .parallel import Parallel
     from .sweep import Sweep, markdown
 
+    if args.fsdp:
+        raise ValueError("--fsdp shards one run over the processes; a sweep gives each "
+                         "process subjects of its own: use train --fsdp per subject")
     if args.overwrite or args.resume:
         raise ValueError("sweep never replaces a finished adapter and resumes half-done "
                          "subjects by itself: drop --overwrite/--resume (delete a subject's "
@@ -343,6 +349,10 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
                         "global batch is this times the number of processes)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: this process's GPU when there is one, else the CPU")
+    p.add_argument("--fsdp", action="store_true",
+                   help="torchrun / accelerate launch: shard the frozen model's weights over "
+                        "the processes (FSDP) for models too large for one device "
+                        "(accelerate's --use_fsdp does the same)")
     p.add_argument("--name", default="lora2_demo" if demo else "lora2")
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -109,6 +109,8 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         for p in adapters.factor_parameters():
             p.data = p.data.to(adapter_dtype)
     entropy = family.entropy(module) if train_cfg.lambda_e > 0 else None
+    if par.fsdp:  # after attach: the adapters stay out of FSDP (they change shape)
+        par.shard_frozen(module, adapters.factor_parameters() + adapters.nu_parameters())
     try:
         if run is not None:
             def hold() -> None:
@@ -150,7 +152,7 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         adapters.detach()
         if run is not None:
             run.release()
-    if fingerprint(module) != before:
+    if not par.fsdp and fingerprint(module) != before:  # a sharded model is the run's own
         raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
     if checkpoint_path is not None and run is None and par.is_main:
         Path(checkpoint_path).unlink(missing_ok=True)

@@ -38,6 +38,14 @@ class PeerFailed(RuntimeError):
     """Another process of the run failed; it reports its own error (this one says nothing)."""
 
 
+def _env_flag(name: str, default: bool = False) -> bool:
+    """An accelerate setting as a switch (FSDP1's reshard setting is a strategy name)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "full_shard", "hybrid_shard")
+
+
 def launched_by_accelerate() -> bool:
     """``accelerate launch`` exports its settings as ``ACCELERATE_*`` variables."""
     return any(k.startswith("ACCELERATE_") for k in os.environ)
@@ -52,6 +60,7 @@ class Parallel:
     world: int = 1
     local_rank: int = 0
     device: torch.device | None = None
+    fsdp: bool = False  # shard the frozen model's weights over the processes (FSDP2)
 
     @property
     def is_main(self) -> bool:
@@ -64,11 +73,13 @@ class Parallel:
 
     # -- setup ------------------------------------------------------------------------------
     @classmethod
-    def from_env(cls) -> Parallel:
-        """This process's place in a launch (one process when not launched)."""
+    def from_env(cls, fsdp: bool = False) -> Parallel:
+        """This process's place in a launch (one process when not launched). ``fsdp`` (or
+        accelerate's ``--use_fsdp`` / FSDP config) shards the frozen model when launched."""
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world <= 1:
             return cls()
+        fsdp = fsdp or _env_flag("ACCELERATE_USE_FSDP")
         import torch.distributed as dist
 
         if launched_by_accelerate():
@@ -85,7 +96,7 @@ class Parallel:
                                  f"launch of {world}: check `accelerate config` (or start the "
                                  "run with torchrun)")
             return cls(state.process_index, state.num_processes, state.local_process_index,
-                       state.device if state.device.type == "cuda" else None)
+                       state.device if state.device.type == "cuda" else None, fsdp)
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
         cuda = torch.cuda.is_available()
         if cuda:
@@ -93,7 +104,33 @@ class Parallel:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
-        return cls(dist.get_rank(), dist.get_world_size(), local, device)
+        return cls(dist.get_rank(), dist.get_world_size(), local, device, fsdp)
+
+    def shard_frozen(self, module: torch.nn.Module, keep: Sequence[torch.nn.Parameter]) -> int:
+        """Shard ``module``'s weights over the processes with FSDP2 (``fully_shard``): each
+        outermost block is one unit (gathered for its forward and backward, then freed), the
+        root holds the rest. The parameters in ``keep`` (the adapters: they change shape) are
+        left out of FSDP, replicated, and averaged by the trainer. accelerate's
+        ``FSDP_RESHARD_AFTER_FORWARD`` and ``FSDP_OFFLOAD_PARAMS`` are honoured.
+        The module stays sharded: it is the run's, not reusable afterwards. Returns the
+        number of blocks sharded."""
+        if not self.active:
+            return 0
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        from .checkpointing import outermost_blocks
+
+        mesh = init_device_mesh(self.device.type if self.device else "cpu", (self.world,))
+        options = {"mesh": mesh, "ignored_params": set(keep),
+                   "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", True),
+                   "offload_policy": (CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS")
+                                      else OffloadPolicy())}
+        blocks = outermost_blocks(module)
+        for block in blocks:
+            fully_shard(block, **options)
+        fully_shard(module, **options)
+        return len(blocks)
 
     # -- collectives ----------------------------------------------------------------------------
     @torch.no_grad()

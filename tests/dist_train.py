@@ -4,7 +4,7 @@ Run it plainly (one process) or under ``torchrun`` (gloo on the CPU). Every proc
 ``<out>/rank<R>.json`` (the ranks of every component after every step, and the history); the
 main process writes ``<out>/adapter.safetensors`` (A, B and nu of the active slots). With
 ``--stop-at K`` the run stops after step K and process 0 writes its state to ``<out>/state``;
-``--resume FILE`` continues one.
+``--resume FILE`` continues one; ``--fsdp`` shards the frozen UNet over the processes.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--stop-at", type=int, default=None)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--fsdp", action="store_true", help="shard the frozen UNet (FSDP2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     par = Parallel.from_env()
@@ -58,7 +59,16 @@ def main() -> None:
     model = load_model("tiny-sd15")
     data = examples(5, model)
     a_cfg, t_cfg = configs(model, args.steps, args.batch_size)
-    adapters = attach(model.denoiser.module, a_cfg, seed=7)
+    module = model.denoiser.module
+    adapters = attach(module, a_cfg, seed=7)
+    trained = {id(p) for p in adapters.factor_parameters() + adapters.nu_parameters()}
+    if args.fsdp:
+        par.fsdp = True
+        par.shard_frozen(module, adapters.factor_parameters() + adapters.nu_parameters())
+    # how much of the frozen weights this process holds (1: all of them; FSDP: its shard)
+    frozen = [p for p in module.parameters() if id(p) not in trained]
+    held = sum(getattr(p, "_local_tensor", p).numel() for p in frozen) / sum(
+        p.numel() for p in frozen)
     per_step: list[dict] = []
 
     def on_step(trainer, rec):
@@ -75,7 +85,7 @@ def main() -> None:
     if args.stop_at:
         trainer._save_if_possible()
     (out / f"rank{par.rank}.json").write_text(json.dumps(
-        {"world": par.world, "per_step": per_step, "history": trainer.history}))
+        {"world": par.world, "held": held, "per_step": per_step, "history": trainer.history}))
     if par.is_main:
         save_tensors(out / "adapter.safetensors", adapters.state_dict(), {}, overwrite=True)
 

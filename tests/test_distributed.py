@@ -86,10 +86,21 @@ def reference(tmp_path_factory) -> Path:
                     "--steps", str(STEPS))
 
 
-def test_two_processes_train_what_one_does_with_the_doubled_batch(reference, tmp_path):
-    two = _harness(tmp_path / "two", 2, "--batch-size", "1", "--steps", str(STEPS))
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp"])
+def test_two_processes_train_what_one_does_with_the_doubled_batch(reference, tmp_path,
+                                                                   sharded):
+    """Data-parallel, and with the frozen UNet sharded by FSDP2 (gloo on the CPU: each
+    process holds half of its weights; the adapters stay replicated)."""
+    two = _harness(tmp_path / "two", 2, "--batch-size", "1", "--steps", str(STEPS),
+                   *(["--fsdp"] if sharded else []))
     ref, p0, p1 = _steps(reference), _steps(two, 0), _steps(two, 1)
     assert p0["world"] == p1["world"] == 2 and ref["world"] == 1
+    assert ref["held"] == 1.0
+    if sharded:
+        assert p0["held"] == pytest.approx(0.5, abs=0.01) and p1["held"] == pytest.approx(
+            0.5, abs=0.01)
+    else:
+        assert p0["held"] == p1["held"] == 1.0
     # the run exercises what must agree: ranks grow and shrink, pending slots get initialised
     ranks_seen = {r for s in ref["per_step"] for r in s["ranks"].values()}
     assert min(ranks_seen) < 3 < max(ranks_seen)
@@ -161,20 +172,24 @@ def cli_reference(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+# (torchrun --fsdp and accelerate --multi_gpu take the same paths: left out for time)
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate --use_fsdp"])
 def test_cli_under_a_launcher_matches_one_process(cli_reference, tmp_path, launcher):
     out = tmp_path / "out"
-    if launcher == "accelerate":
+    if launcher.startswith("accelerate"):
         pytest.importorskip("accelerate")
         # on a machine without GPUs --multi_gpu still starts the workers (torchrun inside);
         # the pack asks accelerate for CPU processes then
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        mode = ["--use_fsdp", "--fsdp_version", "2"] if "fsdp" in launcher else ["--multi_gpu"]
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", *mode,
                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     else:
         prefix = _torchrun(2)
-    proc = _run([*prefix, *CLI, "--batch-size", "1", "--out", str(out)])
+    extra = ["--fsdp"] if launcher == "torchrun --fsdp" else []
+    proc = _run([*prefix, *CLI, "--batch-size", "1", "--out", str(out), *extra])
     assert proc.stdout.count("wrote ") == 5 and "2 processes" in proc.stdout  # one speaker
+    assert ("sharded over 2 processes (FSDP)" in proc.stdout) == ("fsdp" in launcher)
     result, ranks, tensors = _cli_outcome(out)
     ref_result, ref_ranks, ref_tensors = _cli_outcome(cli_reference)
     assert result["processes"] == 2 and ref_result["processes"] == 1
