@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from recovery_tasks import (  # noqa: E402, F401  (re-exported: the tests use rr.LayersTask)
     LAYER_TASKS,
     LayersTask,
+    LinearBank,
     Task,
     UNetTask,
     make_task,
@@ -232,8 +233,7 @@ def run_one(task: Task, spec: RunSpec, seed: int, out_dir: Path) -> RunResult:
     cfg = {"adapter": {k: getattr(a_cfg, k) for k in ("r_target", "init_rank", "r_max", "init",
                                                       "slot_init")},
            "train": {k: getattr(t_cfg, k) for k in ("steps", "lr", "nu_lr", "lambda_r",
-                                                     "lambda_e", "task_norm", "nu_signal",
-                                                     "nu_warmup")},
+                                                     "lambda_e", "task_norm", "nu_signal")},
            "export_tol": export.rank_tol}
     return RunResult(task.name, spec.name, spec.kind, seed, size.total, size.payload, params,
                      loss, rho, learned, list(task.true_ranks), wall, spec.default, cfg, trained)
@@ -458,7 +458,7 @@ def table(results: Sequence[RunResult], task: str, meta: dict[str, Any]) -> str:
     L += ["", "Settings per run (presets as in `lora2_engine.config.PRESETS`, with the task's "
           "scale changes; fixed-rank runs are plain LoRA, no regulariser or entropy term):", "",
           "| run | r_target | init_rank | r_max | init | steps | lr | nu_lr | lambda_r | "
-          "lambda_e | nu warm-up |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+          "lambda_e | nu signal |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name, v in summ.items():
         c = v["runs"][0].config
         a, t = c.get("adapter", {}), c.get("train", {})
@@ -468,7 +468,7 @@ def table(results: Sequence[RunResult], task: str, meta: dict[str, Any]) -> str:
         else:
             L.append(f"| {name} | {a.get('r_target')} | {a.get('init_rank')} | {a.get('r_max')} "
                      f"| {a.get('init')} | {t.get('steps')} | {t.get('lr')} | {t.get('nu_lr')} | "
-                     f"{t.get('lambda_r')} | {t.get('lambda_e')} | {c.get('nu_warmup', 0)} |")
+                     f"{t.get('lambda_r')} | {t.get('lambda_e')} | {t.get('nu_signal')} |")
     lines, ok = targets_report(results)
     L += ["", f"Targets for the default LoRA² run ({'MET' if ok else 'NOT MET'}):", ""]
     L += [f"- {x}" for x in lines]

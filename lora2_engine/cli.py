@@ -67,7 +67,8 @@ def _configs(args):
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     adapter_cfg, train_cfg = cfgmod.preset(args.preset, **overrides)
-    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite)
+    export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite,
+                                 **({} if args.rank_tol is None else {"rank_tol": args.rank_tol}))
     return adapter_cfg, train_cfg, export
 
 
@@ -356,6 +357,9 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--name", default="lora2_demo" if demo else "lora2")
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--rank-tol", type=float, default=None,
+                   help="write each module at the smallest rank within this relative error of "
+                        "its trained update (default 0.03; 0 = the trained rank, exactly)")
     p.add_argument("--resume", default=None, help="a .state.safetensors checkpoint")
     p.add_argument("--resume-force", action="store_true",
                    help="resume even though settings or photos differ from the state's")

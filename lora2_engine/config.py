@@ -1,7 +1,8 @@
 """Configuration as data: one dataclass per concern, validated once in ``__post_init__``.
 
-Defaults follow ``method.md``; the paper's own settings are the ``"paper"`` preset and the
-benchmark-backed ``"spread"`` preset lets ranks differ more (see README, rank recovery).
+The dataclass defaults are the ``"spread"`` preset, chosen on the rank-recovery benchmark's
+development tasks (README: "Does the rank learning work?"); the paper's literal settings are
+the ``"paper"`` preset, so ``attach(model, AdapterConfig())`` and ``preset()`` build the same.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from .formats.lora_file import LoraFile, adapters_to_lora, lora_bytes, write_lor
 from .inject import attach
 from .parallel import Parallel
 from .precision import PrecisionConfig
+from .report import report_from_file
 from .runfiles import RunFiles
 from .schedule import denoising_loss, euler_sample
 from .trainer import Callbacks, Trainer
@@ -130,7 +131,7 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
             history = trainer.run()
         lora = adapters_to_lora(adapters, export_cfg, layout, train_cfg, trainer.step,
                                 extra_metadata)
-        ranks = adapters.ranks()
+        ranks = {row.name: row.rank for row in report_from_file(lora).rows}  # as written
         if run is not None:
             configs = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
                        "export": to_dict(export_cfg),
@@ -139,7 +140,7 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
             def finish() -> None:
                 with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held
                     run.publish(lora_bytes(lora),
-                                run_side_files(run, adapters, history, configs))
+                                run_side_files(run, lora, history, configs))
             par.on_main(finish)
             lora.path = run.adapter
         elif out_file is not None:
@@ -170,18 +171,13 @@ def run_result(history: list[dict], steps: int, processes: int) -> dict:
             "final_loss_steps": len(tail)}
 
 
-def run_side_files(run: RunFiles, adapters, history: list[dict], configs: dict
+def run_side_files(run: RunFiles, lora: LoraFile, history: list[dict], configs: dict
                    ) -> dict[Path, bytes]:
-    """The report, rank map, loss plot and configs a run leaves beside its adapter."""
-    from .report import (
-        figure_png,
-        loss_figure,
-        rank_map_figure,
-        report_bytes,
-        report_from_adapters,
-    )
+    """The report, rank map, loss plot and configs a run leaves beside its adapter; the report
+    describes the file as written (numerical ranks, omitted zero modules at rank 0)."""
+    from .report import figure_png, loss_figure, rank_map_figure, report_bytes
 
-    report = report_from_adapters(adapters)
+    report = report_from_file(lora)
     return {run.report_json: report_bytes(report),
             run.rank_map: figure_png(rank_map_figure(report, f"{run.name}: learned rank per "
                                                              "component")),

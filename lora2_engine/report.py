@@ -80,13 +80,6 @@ class RankReport:
         return "\n".join(lines)
 
 
-def report_from_adapters(adapters) -> RankReport:
-    nus = adapters.nus()
-    rows = [ComponentRow(n, lay.rank, lay.rank * (lay.m + lay.n), nus.get(n))
-            for n, lay in adapters.layers.items()]
-    return RankReport(rows)
-
-
 def report_from_file(lora: LoraFile) -> RankReport:
     ours = lora.lora2_modules() or {}
     by_key = {rec.get("key"): (name, rec) for name, rec in ours.items()
@@ -99,6 +92,10 @@ def report_from_file(lora: LoraFile) -> RankReport:
         name, rec = by_key.get(key, (key, {}))
         m, n = w.up.shape[0], w.down.flatten(1).shape[1]
         rows.append(ComponentRow(name, w.rank, w.rank * (m + n), rec.get("nu"), errors.get(key)))
+    # components trained by LoRA2 whose update was zero are not in the file: rank 0, no bytes
+    rows += [ComponentRow(name, 0, 0, rec.get("nu")) for name, rec in ours.items()
+             if isinstance(rec, dict) and rec.get("rank") == 0 and rec.get("key") not in
+             lora.modules]
     bpp = next(iter(lora.modules.values())).down.element_size()
     size = lora.path.stat().st_size if lora.path and Path(lora.path).is_file() else None
     total = comp.get("total_rel_error")

@@ -268,7 +268,7 @@ def markdown(rows: list[Row]) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in dict.fromkeys(r.status for r in rows)}
     lines += ["", ", ".join(f"{n} {s}" for s, n in counts.items())
               + f" of {len(rows)} subjects; final loss = mean task loss of the last steps, "
-              "ranks = learned rank D per component"]
+              "ranks = of each component as written"]
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,9 @@ def test_demo_writes_adapter_report_and_plots(demo_run):
     rep = json.loads((demo_run / "lora2_demo.rank_report.json").read_text())
     sd = load_file(str(demo_run / "lora2_demo.safetensors"))
     downs = {k: v for k, v in sd.items() if k.endswith("lora_down.weight")}
-    assert len(downs) == len(rep["components"]) == 168  # tiny SDXL: 42 attention modules x 4
+    assert len(rep["components"]) == 168  # tiny SDXL: 42 attention modules x 4
+    # the report describes the file: zero updates are left out of it at rank 0
+    assert len(downs) == sum(r["rank"] > 0 for r in rep["components"])
     assert all(k.startswith("lora_unet_input_blocks_") or k.startswith("lora_unet_output_blocks_")
                for k in downs)
     assert sum(r["params"] for r in rep["components"]) == sum(

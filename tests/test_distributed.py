@@ -153,8 +153,9 @@ def _resume_in_process(state: Path, batch: int) -> None:
 
 
 # -- the command line under the launchers ----------------------------------------------------
+# --rank-tol 0: the files keep the trained ranks D, which must agree exactly
 CLI = ["-m", "lora2_engine", "train", str(DOG), "--steps", "3", "--resolution", "64",
-       "--model", "tiny-sd15", "--key-style", "comfy"]
+       "--model", "tiny-sd15", "--key-style", "comfy", "--rank-tol", "0"]
 
 
 def _cli_outcome(out: Path) -> tuple[dict, dict, dict]:

@@ -41,7 +41,8 @@ def _plain_delta(tensors, prefix, down="lora_down", up="lora_up"):
 @pytest.mark.parametrize("style", ["kohya", "comfy", "diffusers"])
 def test_exported_file_gives_B_Lambda_A(attn_net, tmp_path, style):
     ad = _trained(attn_net)
-    path = export_adapters(ad, tmp_path / "a.safetensors", ExportConfig(key_style=style))
+    path = export_adapters(ad, tmp_path / "a.safetensors",
+                           ExportConfig(key_style=style, rank_tol=0))
     tensors = load_file(str(path))
     from safetensors import safe_open
     with safe_open(str(path), "pt") as fh:
@@ -68,9 +69,43 @@ def test_exported_file_gives_B_Lambda_A(attn_net, tmp_path, style):
         assert peft["unet.lora_alpha"] == peft["unet.r"]
 
 
+@pytest.mark.parametrize("tol", [0.01, 0.03, 0.2])
+def test_export_at_numerical_rank_is_the_best_low_rank_fit(attn_net, tmp_path, tol):
+    """rank_tol > 0: each module is written at the smallest rank whose best approximation of
+    B Lambda A (Eckart-Young, from an independent SVD of the dense product) is within tol;
+    a module whose update is zero is left out of the file and recorded at rank 0."""
+    ad = _trained(attn_net)
+    zero = list(ad.layers.values())[-1]
+    zero.B.data.zero_()
+    path = export_adapters(ad, tmp_path / "a.safetensors", ExportConfig(rank_tol=tol))
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as fh:
+        record = json.loads(fh.metadata()["lora2.modules"])
+    for name, layer in ad.layers.items():
+        lam = layer.slot_scale().detach().double()
+        direct = (layer.B[:, :layer.rank].double() @ torch.diag(lam)
+                  @ layer.A[:layer.rank].double()).detach()
+        rec = record[name]
+        assert rec["trained_rank"] == layer.rank
+        if layer is zero:
+            assert rec["rank"] == 0 and f"{rec['key']}.lora_down.weight" not in tensors
+            continue
+        s = torch.linalg.svdvals(direct)
+        tail = [float(s[k:].square().sum().sqrt() / s.square().sum().sqrt())
+                for k in range(len(s) + 1)]
+        k = next(k for k, e in enumerate(tail) if e <= tol)
+        assert rec["rank"] == k, (name, tail)
+        got = _plain_delta(tensors, rec["key"]).double()
+        u, sv, vh = torch.linalg.svd(direct)
+        best = u[:, :k] @ torch.diag(sv[:k]) @ vh[:k]
+        assert torch.allclose(got, best, atol=1e-5), name
+        assert float((got - direct).norm() / direct.norm()) <= tol + 1e-6
+
+
 def test_file_bytes_match_formula(attn_net, tmp_path):
     ad = _trained(attn_net)
-    path = export_adapters(ad, tmp_path / "a.safetensors")
+    path = export_adapters(ad, tmp_path / "a.safetensors", ExportConfig(rank_tol=0))
     n_header = int.from_bytes(path.read_bytes()[:8], "little")
     payload = path.stat().st_size - 8 - n_header
     want = 4 * sum(layer.rank * (layer.m + layer.n) for layer in ad.layers.values())
@@ -81,7 +116,7 @@ def test_read_back_round_trip_and_family(attn_net, tmp_path):
     ad = _trained(attn_net)
     for style in ("kohya", "comfy", "diffusers"):
         path = export_adapters(ad, tmp_path / f"{style}.safetensors",
-                               ExportConfig(key_style=style), layout=SDXL)
+                               ExportConfig(key_style=style, rank_tol=0), layout=SDXL)
         lora = read_lora(path)
         assert lora.style == style
         assert sorted(lora.ranks().values()) == sorted(ad.ranks().values())

@@ -66,13 +66,17 @@ def test_cached_scales_match_each_layers_own_and_carry_gradient(attn_net):
     assert all(layer.cached_scale is None for layer in ad.layers.values())
 
 
-def test_rank_never_exceeds_the_layers_smaller_side():
-    net = torch.nn.Sequential(torch.nn.Linear(6, 4))
-    ad = attach(net, AdapterConfig(targets=("0",), r_target=1, init_rank=8, r_max=64))
-    assert ad.ranks() == {"0": 4}
+@pytest.mark.parametrize("n_in, m_out", [(6, 4), (32, 32), (64, 160)])
+def test_rank_is_capped_where_a_dense_update_is_smaller(n_in, m_out):
+    """r (m + n) >= m n: a rank-r factorisation would cost as much as the dense update, so the
+    rank stops below that (and so below min(m, n))."""
+    cap = max(r for r in range(1, min(n_in, m_out) + 1) if r * (n_in + m_out) < n_in * m_out)
+    net = torch.nn.Sequential(torch.nn.Linear(n_in, m_out))
+    ad = attach(net, AdapterConfig(targets=("0",), r_target=1, init_rank=cap + 5, r_max=512))
+    assert ad.ranks() == {"0": cap}
     ad.layers["0"].nu_param.data.fill_(-20.0)  # nu at its floor: D(nu) = r_max
     ad.update_ranks()
-    assert ad.ranks() == {"0": 4}
+    assert ad.ranks() == {"0": cap}
 
 
 def test_detach_restores_flags_of_parameters_made_under_inference_mode():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora2_engine import attach
-from lora2_engine.config import PRESETS
+from lora2_engine import AdapterConfig, attach
+from lora2_engine.config import preset
 from lora2_engine.formats import export_adapters
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "rank_recovery.py"
@@ -34,32 +34,69 @@ def rr():
     return mod
 
 
-def test_default_preset_recovers_zero_and_highest_ranks(rr, tmp_path):
-    # 8 frozen 32x32 layers, planted ranks 0..24; the default preset as it is (r_target 1,
-    # init_rank 8, r_max 512, nu lr 1e-2, lambda_r 3e-4), only steps and lr scaled down.
-    ranks = (0, 0, 0, 2, 4, 8, 16, 24)
-    task = rr.LayersTask(seed=0, steps=300, lr=3e-3, dim=32, ranks=ranks)
-    task.scale = {}  # no task-scale changes: preset() defaults
-    res = rr.run_one(task, rr.RunSpec("default"), 0, tmp_path)
-    r_target = PRESETS["spread"]["adapter"]["r_target"]
-    assert res.config["adapter"]["r_max"] == PRESETS["spread"]["adapter"]["r_max"]
-    zero = [lr for lr, t in zip(res.learned, res.true) if t == 0]
-    assert zero and max(zero) <= r_target + 1, (res.learned, res.true)
+PRESETS_DEFAULT_R_TARGET = preset("spread")[0].r_target
+RANKS = (0, 0, 0, 2, 4, 8, 16, 24)  # 8 frozen 32x32 layers (dense cap: rank 15)
+
+
+@pytest.fixture(scope="module")
+def fast_runs(rr, tmp_path_factory):
+    """The fast layers task with the default preset as it is (only steps and lr chosen per
+    run), cached: ``(lr, input_scale) -> RunResult``."""
+    cache = {}
+
+    def run(lr: float, input_scale: float = 1.0):
+        if (lr, input_scale) not in cache:
+            torch.set_num_threads(1)
+            task = rr.LayersTask(seed=0, steps=300, lr=lr, dim=32, ranks=RANKS,
+                                 input_scale=input_scale)
+            task.scale = {}  # no per-task changes: preset() defaults
+            cache[lr, input_scale] = rr.run_one(task, rr.RunSpec("default"), 0,
+                                                tmp_path_factory.mktemp("run"))
+        return cache[lr, input_scale]
+
+    return run
+
+
+@pytest.mark.parametrize("lr", [1e-4, 2e-3])
+def test_default_preset_recovers_zero_and_highest_ranks_at_any_lr(rr, fast_runs, lr):
+    """ν's signal is normalised, so the weights' learning rate does not decide the ranks:
+    at 1e-4 and at 2e-3 the zero layers stay at r_target + 1 or below (trained rank D) and
+    are left out of the file, and the highest planted layers end highest."""
+    res = fast_runs(lr)
+    r_target = AdapterConfig().r_target
+    assert res.config["adapter"]["r_target"] == r_target == PRESETS_DEFAULT_R_TARGET
+    zero = [i for i, t in enumerate(res.true) if t == 0]
+    assert zero and max(res.trained[i] for i in zero) <= r_target + 1, (res.trained, res.true)
+    assert all(res.learned[i] == 0 for i in zero), res.learned
     by_true = sorted(range(len(res.true)), key=lambda i: res.true[i])
     top, rest = by_true[-2:], by_true[:-2]
     # the highest planted ranks end highest (ties allowed: ranks are capped at min(m, n))
-    assert min(res.learned[i] for i in top) >= max(res.learned[i] for i in rest), (
+    assert min(res.learned[i] for i in top) > max(res.learned[i] for i in rest), (
         res.learned, res.true)
     assert res.spearman > 0.8
-    assert res.loss < 0.5 * float(torch.stack(task.deltas).pow(2).sum(dim=(1, 2)).mean()
-                                  / task.dim)  # it fitted something
+    untrained = float(torch.stack([d.pow(2).sum() for d in
+                                   rr.LayersTask(seed=0, dim=32, ranks=RANKS).deltas]).mean()
+                      / 32)
+    # it fitted something (lr 1e-4 is slow: 300 steps move every method little)
+    assert res.loss < (0.5 if lr >= 1e-3 else 0.95) * untrained
+
+
+@pytest.mark.parametrize("input_scale", [10.0, 0.1])
+def test_ranks_do_not_depend_on_the_units_of_the_loss(fast_runs, input_scale):
+    """Inputs x10 (loss x100) or x0.1: the same ranks within 1 per layer, because the task
+    term is measured in units of its own first steps and ν's signal is normalised."""
+    base, scaled = fast_runs(2e-3), fast_runs(2e-3, input_scale)
+    assert all(abs(a - b) <= 1 for a, b in zip(base.learned, scaled.learned)), (
+        base.learned, scaled.learned)
+    assert abs(scaled.file_bytes - base.file_bytes) <= 0.15 * base.file_bytes
 
 
 def test_bytes_are_read_from_the_exported_file(rr, tmp_path):
-    model = rr.ParallelLinears(3, 16, torch.Generator().manual_seed(0))
-    adapters = attach(model, rr.AdapterConfig(targets=("l00", "l01", "l02"), r_target=1,
-                                              init_rank=5, r_max=8))
-    path = export_adapters(adapters, tmp_path / "a.safetensors")
+    model = rr.LinearBank([(16, 16)] * 3, torch.Generator().manual_seed(0))
+    targets = ("layers.l00", "layers.l01", "layers.l02")
+    adapters = attach(model, rr.AdapterConfig(targets=targets, r_target=1, init_rank=5, r_max=8,
+                                              slot_init="random"))
+    path = export_adapters(adapters, tmp_path / "a.safetensors", rr.ExportConfig(rank_tol=0))
     size = rr.file_bytes(path)
     assert size.total == os.path.getsize(path)
     assert size.header + size.payload == size.total
