@@ -181,6 +181,7 @@ def cmd_sweep(args) -> int:
     from .models.loader import load_model
     from .parallel import Parallel
     from .sweep import Sweep, markdown
+    from .trainer import TrainingInterrupted
 
     if args.fsdp:
         raise ValueError("--fsdp shards one run over the processes; a sweep gives each "
@@ -212,7 +213,14 @@ def cmd_sweep(args) -> int:
     # in a launch, process 0 reports (a worker's non-zero exit would make torchrun stop the
     # others); sweeps started by hand each report
     reports = rank == 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
-    rows = Sweep(args.subjects, out, train_one, rank=rank, say=say).run(summary=reports)
+    sweep = Sweep(args.subjects, out, train_one, rank=rank, say=say)
+    try:
+        rows = sweep.run(summary=reports)
+    except TrainingInterrupted as exc:
+        if reports:
+            sweep.write_summary()
+        say(f"{exc}; run the same sweep again to resume")
+        return 128 + (exc.signal or 2)
     if not reports:
         return 0
     _say(markdown(rows), sys.stdout)

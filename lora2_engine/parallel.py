@@ -198,10 +198,18 @@ class Parallel:
         The main process re-raises its own exception; the others raise :class:`PeerFailed`,
         so no process waits forever in a collective for one that has given up.
         """
+        return self._vote(fn, self.is_main, "process 0 failed (it printed why)")
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every process; if it fails on any, it fails on all (the failing
+        processes raise their own error, the others :class:`PeerFailed`)."""
+        return self._vote(fn, True, "another process of this run failed (it printed why)")
+
+    def _vote(self, fn: Callable[[], T], here: bool, peer_failed: str) -> T | None:
         if not self.active:
             return fn()
         result, error = None, None
-        if self.is_main:
+        if here:
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 (re-raised below, after the vote)
@@ -210,24 +218,7 @@ class Parallel:
         if error is not None:
             raise error
         if failed:
-            raise PeerFailed("process 0 failed (it printed why)")
-        return result
-
-    def agree(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on every process; if it fails on any, it fails on all (the failing
-        processes raise their own error, the others :class:`PeerFailed`)."""
-        if not self.active:
-            return fn()
-        result, error = None, None
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001
-            error = exc
-        failed = self.any(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise PeerFailed("another process of this run failed (it printed why)")
+            raise PeerFailed(peer_failed)
         return result
 
     def _collective_device(self) -> torch.device:

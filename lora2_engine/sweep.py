@@ -138,6 +138,8 @@ class Sweep:
 
     def _try(self, folder: Path) -> None:
         """Claim and train ``folder`` unless it is settled or another process has it."""
+        from .trainer import TrainingInterrupted
+
         if self._settled(folder):
             return
         name = folder.name
@@ -157,11 +159,9 @@ class Sweep:
             self.say(f"{name}: {what}")
             try:
                 self.train_one(folder, run)
-            except (KeyboardInterrupt, SystemExit):
+            except TrainingInterrupted:  # Ctrl-C / SIGTERM: the state is kept, stop the sweep
                 raise
             except Exception as exc:  # noqa: BLE001 (recorded, and the sweep goes on)
-                if type(exc).__name__ == "TrainingInterrupted":  # a stop request: stop all
-                    raise
                 self._fail(name, exc)
                 return
             self._failure_file(name).unlink(missing_ok=True)
