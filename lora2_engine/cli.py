@@ -84,11 +84,12 @@ def _device(args, parallel):
     return parallel.device or torch.device("cuda", torch.cuda.current_device())
 
 
-def _subject_run(args, folder: Path, out_dir: Path, model, parallel, *, name: str,
+def _subject_run(args, folder: Path, out_dir: Path, get_model, parallel, *, name: str,
                  resume=None, say=None, run=None):
     """Plan (unless ``run`` is given), read and train one subject folder into
-    ``out_dir/<name>.*``; returns ``(TrainResult, RunFiles)``. Exceptions are the caller's:
-    the CLI reports them, the sweep records them."""
+    ``out_dir/<name>.*``; returns ``(TrainResult, RunFiles)``. The model is asked for
+    (``get_model()``) only once the files and photos are known to be fine. Exceptions are the
+    caller's: the CLI reports them, the sweep records them."""
     import dataclasses
 
     from .data import instance_prompt, load_subject
@@ -106,6 +107,7 @@ def _subject_run(args, folder: Path, out_dir: Path, model, parallel, *, name: st
     data = load_subject(folder, prompt, args.resolution)
     for w in data.warnings():
         say(f"warning: {w}")
+    model = get_model()
     adapter_cfg = dataclasses.replace(adapter_cfg,
                                       targets=model.family.resolve_targets(args.targets))
     train_cfg = dataclasses.replace(train_cfg, grad_checkpointing=model.family.grad_checkpointing)
@@ -144,8 +146,8 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     say = _say if parallel.is_main else (lambda *_a: None)  # one process speaks
     t0 = time.perf_counter()
     try:
-        out, run = _subject_run(args, folder, out_dir, load_model(args.model), parallel,
-                                name=args.name, resume=args.resume, say=say)
+        out, run = _subject_run(args, folder, out_dir, lambda: load_model(args.model),
+                                parallel, name=args.name, resume=args.resume, say=say)
     except TrainingInterrupted as exc:
         say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
         return 128 + (exc.signal or 2)
@@ -176,6 +178,7 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     """One adapter per subject folder, spread over the processes of a launch (or several
     sweeps started by hand): see ``sweep.py``."""
+    import functools
     import os
 
     from .models.loader import load_model
@@ -199,7 +202,7 @@ def cmd_sweep(args) -> int:
         import torch
 
         torch.cuda.set_device(single.local_rank % torch.cuda.device_count())
-    model = load_model(args.model)
+    model = functools.cache(lambda: load_model(args.model))  # loaded once, when first needed
     out = Path(args.out)
     tag = f"[{rank}] " if "WORLD_SIZE" in os.environ else ""
 
