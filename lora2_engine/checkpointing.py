@@ -48,6 +48,22 @@ class OutOfPlaceAugmented(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def outermost_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The elements of the outermost ``nn.ModuleList`` s: a model's repeated blocks (the unit
+    of gradient checkpointing here, and of sharding in ``parallel.Parallel.shard_frozen``)."""
+    found: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList):
+                found.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(model: torch.nn.Module, checkpoint: bool = True,
                         out_of_place: bool = False):
@@ -83,15 +99,8 @@ def checkpointed_blocks(model: torch.nn.Module, checkpoint: bool = True,
         block.forward = forward
         wrapped.append(block)
 
-    def visit(module: torch.nn.Module) -> None:
-        for child in module.children():
-            if isinstance(child, torch.nn.ModuleList):
-                for block in child:
-                    wrap(block)
-            else:
-                visit(child)
-
-    visit(model)
+    for block in outermost_blocks(model):
+        wrap(block)
     try:
         yield wrapped
     finally:

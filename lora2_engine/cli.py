@@ -1,4 +1,4 @@
-"""``python -m lora2_engine demo | train | report | pad | compress | merge``."""
+"""``python -m lora2_engine demo | train | sweep | report | pad | compress | merge``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from . import config as cfgmod
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "dreambooth"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "dreambooth"
+SWEEP_CHECKPOINT_EVERY = 50
 
 
 def _progress(total: int, start: int = 0):
@@ -73,17 +74,9 @@ def _class_noun(folder: Path, default: str) -> str:
     return default
 
 
-def _train(args, folder: Path, out_dir: Path) -> int:
-    import dataclasses
-
-    from .data import instance_prompt, load_subject
-    from .diffusion import train_diffusion
-    from .models.loader import load_model
-    from .precision import PrecisionConfig
-    from .runfiles import RunFiles
-    from .trainer import Callbacks, NonFiniteLoss, TrainingInterrupted
-
-    overrides = {"steps": args.steps, "seed": args.seed}
+def _configs(args):
+    """The validated configs of the command line (refused before any work)."""
+    overrides = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size}
     for k in ("lr", "nu_lr", "lambda_r", "lambda_e", "r_target", "init_rank", "r_max",
               "checkpoint_every"):
         if getattr(args, k, None) is not None:
@@ -95,47 +88,100 @@ def _train(args, folder: Path, out_dir: Path) -> int:
     export = cfgmod.ExportConfig(key_style=args.key_style, overwrite=args.overwrite,
                                  dtype=args.save_dtype, size_mb=args.size_mb, params=args.params,
                                  **({} if args.rank_tol is None else {"rank_tol": args.rank_tol}))
+    return adapter_cfg, train_cfg, export
+
+
+def _device(args, parallel):
+    """``--device``: auto is this process's GPU when there is one, else the CPU."""
+    import torch
+
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to this process; use "
+                         "--device cpu (or auto)")
+    return parallel.device or torch.device("cuda", torch.cuda.current_device())
+
+
+def _subject_run(args, folder: Path, out_dir: Path, get_model, parallel, *, name: str,
+                 resume=None, say=None, run=None):
+    """Plan (unless ``run`` is given), read and train one subject folder into
+    ``out_dir/<name>.*``; returns ``(TrainResult, RunFiles)``. The model is asked for
+    (``get_model()``) only once the files and photos are known to be fine. Exceptions are the
+    caller's: the CLI reports them, the sweep records them."""
+    import dataclasses
+
+    from .data import instance_prompt, load_subject
+    from .diffusion import train_diffusion
+    from .precision import PrecisionConfig
+    from .runfiles import RunFiles
+    from .trainer import Callbacks
+
+    say = say or (lambda *_a: None)
+    adapter_cfg, train_cfg, export = _configs(args)
     # every file the run will write, checked before any work (name, folder, resume file)
-    run = RunFiles.plan(out_dir, args.name, overwrite=args.overwrite, resume=args.resume)
+    run = run or RunFiles.plan(out_dir, name, overwrite=args.overwrite, resume=resume)
     noun = args.class_noun or _class_noun(folder, _text(folder.name).rstrip("0123456789_"))
     prompt = instance_prompt(args.token, noun)
     data = load_subject(folder, prompt, args.resolution)
     for w in data.warnings():
-        _say(f"warning: {w}")
-    model = load_model(args.model)
+        say(f"warning: {w}")
+    model = get_model()
     adapter_cfg = dataclasses.replace(adapter_cfg,
                                       targets=model.family.resolve_targets(args.targets))
     train_cfg = dataclasses.replace(train_cfg, grad_checkpointing=model.family.grad_checkpointing)
-    examples = model.encode([i.pixels for i in data.images], [i.caption for i in data.images])
-    _say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
-         f"(model {args.model}, preset {args.preset})", sys.stdout)
-    bar, on_step = _progress(train_cfg.steps, _resumed_step(args.resume))
+    device = _device(args, parallel)
+    model.denoiser.module.to(device)
+    examples = [{k: v.to(device) if hasattr(v, "to") else v for k, v in ex.items()}
+                for ex in model.encode([i.pixels for i in data.images],
+                                       [i.caption for i in data.images])]
+    procs = f", {parallel.world} processes" if parallel.active else ""
+    say(f"{len(examples)} photos of '{prompt}' from {folder} → {out_dir}  "
+        f"(model {args.model}, preset {args.preset}{procs})", sys.stdout)
+    bar, on_step = (_progress(train_cfg.steps, _resumed_step(resume)) if say is _say
+                    else (None, None))
+    try:
+        return train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
+                               export, layout=model.layout,
+                               callbacks=Callbacks(on_step=on_step), resume=resume,
+                               resume_force=args.resume_force, run=run, parallel=parallel,
+                               precision=PrecisionConfig(args.training_dtype,
+                                                         args.adapter_dtype),
+                               extra_metadata={"lora2.name": name, "ss_output_name": name}), run
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _train(args, folder: Path, out_dir: Path) -> int:
+    from .models.loader import load_model
+    from .parallel import Parallel
+    from .trainer import NonFiniteLoss, TrainingInterrupted
+
+    _configs(args)  # bad settings are refused before the processes meet or the model loads
+    parallel = Parallel.from_env(fsdp=args.fsdp)
+    if parallel.fsdp and parallel.is_main:
+        _say(f"the model's weights are sharded over {parallel.world} processes (FSDP); "
+             "the adapters are replicated", sys.stdout)
+    say = _say if parallel.is_main else (lambda *_a: None)  # one process speaks
     t0 = time.perf_counter()
     try:
-        out = train_diffusion(model.denoiser, examples, model.family, adapter_cfg, train_cfg,
-                              export, layout=model.layout, callbacks=Callbacks(on_step=on_step),
-                              resume=args.resume, resume_force=args.resume_force, run=run,
-                              precision=PrecisionConfig(args.training_dtype, args.adapter_dtype),
-                              extra_metadata={"lora2.name": args.name,
-                                              "ss_output_name": args.name})
+        out, run = _subject_run(args, folder, out_dir, lambda: load_model(args.model),
+                                parallel, name=args.name, resume=args.resume, say=say)
     except TrainingInterrupted as exc:
-        bar.close()
-        _say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
+        say(f"\n{exc}. Resume with: --resume {exc.checkpoint}")
         return 128 + (exc.signal or 2)
     except NonFiniteLoss as exc:
-        bar.close()
-        _say(f"\nerror: {exc}")
+        say(f"\nerror: {exc}")
         return 1
-    finally:
-        bar.close()
     ranks = list(out.ranks.values())
-    print(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
-          f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
-          f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}")
+    say(f"done in {time.perf_counter() - t0:.1f} s: {len(ranks)} components, ranks "
+        f"{min(ranks)}..{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}), loss "
+        f"{out.history[0]['task']:.4f} → {out.history[-1]['task']:.4f}", sys.stdout)
     if out.sized is not None:  # the notes were warned already
-        _say(f"size budget: {out.sized.summary().splitlines()[0]}", sys.stdout)
+        say(f"size budget: {out.sized.summary().splitlines()[0]}", sys.stdout)
     for p in run.outputs():
-        _say(f"wrote {p}", sys.stdout)
+        say(f"wrote {p}", sys.stdout)
     return 0
 
 
@@ -178,6 +224,62 @@ def _planted(args, out_dir: Path) -> int:
 def cmd_train(args) -> int:
     folder = _subject_folder(args.images)
     return _train(args, folder, Path(args.out))
+
+
+def cmd_sweep(args) -> int:
+    """One adapter per subject folder, spread over the processes of a launch (or several
+    sweeps started by hand): see ``sweep.py``."""
+    import functools
+    import os
+
+    from .models.loader import load_model
+    from .parallel import Parallel
+    from .sweep import Sweep, markdown
+    from .trainer import TrainingInterrupted
+
+    if args.fsdp:
+        raise ValueError("--fsdp shards one run over the processes; a sweep gives each "
+                         "process subjects of its own: use train --fsdp per subject")
+    if args.overwrite or args.resume:
+        raise ValueError("sweep never replaces a finished adapter and resumes half-done "
+                         "subjects by itself: drop --overwrite/--resume (delete a subject's "
+                         "adapter to train it again)")
+    if args.checkpoint_every is None:  # a killed sweep loses at most this many steps
+        args.checkpoint_every = SWEEP_CHECKPOINT_EVERY
+    _configs(args)  # bad settings are refused before any work
+    rank = int(os.environ.get("RANK", "0") or 0)  # torchrun / accelerate launch worker index
+    single = Parallel(local_rank=int(os.environ.get("LOCAL_RANK", "0") or 0))
+    if _device(args, single).type == "cuda":  # each worker trains on its own GPU
+        import torch
+
+        torch.cuda.set_device(single.local_rank % torch.cuda.device_count())
+    model = functools.cache(lambda: load_model(args.model))  # loaded once, when first needed
+    out = Path(args.out)
+    tag = f"[{rank}] " if "WORLD_SIZE" in os.environ else ""
+
+    def say(msg: str) -> None:
+        _say(tag + msg, sys.stdout)
+
+    def train_one(folder: Path, run) -> None:
+        _subject_run(args, folder, out, model, single, name=run.name, resume=run.resume,
+                     run=run)
+
+    # in a launch, process 0 reports (a worker's non-zero exit would make torchrun stop the
+    # others); sweeps started by hand each report
+    reports = rank == 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+    sweep = Sweep(args.subjects, out, train_one, rank=rank, say=say)
+    try:
+        rows = sweep.run(summary=reports)
+    except TrainingInterrupted as exc:
+        if reports:
+            sweep.write_summary()
+        say(f"{exc}; run the same sweep again to resume")
+        return 128 + (exc.signal or 2)
+    if not reports:
+        return 0
+    _say(markdown(rows), sys.stdout)
+    _say(f"wrote {out / 'sweep_summary.md'}, .csv and sweep_rank_maps.png", sys.stdout)
+    return 1 if any(r.status == "failed" for r in rows) else 0
 
 
 def cmd_report(args) -> int:
@@ -352,6 +454,15 @@ def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="training size in pixels (square crops)")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, noise and "
                    "timesteps: the same seed and inputs train the same LoRA")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="examples per step and process (torchrun / accelerate launch: the "
+                        "global batch is this times the number of processes)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: this process's GPU when there is one, else the CPU")
+    p.add_argument("--fsdp", action="store_true",
+                   help="torchrun / accelerate launch: shard the frozen model's weights over "
+                        "the processes (FSDP) for models too large for one device "
+                        "(accelerate's --use_fsdp does the same)")
     p.add_argument("--name", default="lora2_demo" if demo else "lora2",
                    help="file names: <name>.safetensors and <name>.* side files")
     p.add_argument("--key-style", default="kohya", choices=cfgmod.KEY_STYLES,
@@ -401,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("train", "train on a folder of subject photos", cmd_train)
     p.add_argument("images", help="folder of photos (name.txt beside name.jpg is its caption)")
     p.add_argument("--out", required=True, help="output folder")
+    _train_args(p, demo=False)
+    p = cmd("sweep", "train one adapter per subject folder (resumable; spread over the "
+            "processes of torchrun / accelerate launch)", cmd_sweep)
+    p.add_argument("subjects", help="a folder with one folder of photos per subject")
+    p.add_argument("--out", required=True, help="output folder: <subject>.safetensors and "
+                   "its report files, sweep_summary.md/.csv, sweep_rank_maps.png")
     _train_args(p, demo=False)
     p = cmd("report", "per-component ranks and sizes of a LoRA file", cmd_report)
     p.add_argument("file", help="any LoRA .safetensors (kohya, ComfyUI, diffusers/PEFT)")
@@ -495,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, and where to report it
         if debug:
             raise
+        from .parallel import PeerFailed
+
+        if isinstance(exc, PeerFailed):  # another process of the launch said why
+            return 1
         _say(f"error: unexpected {type(exc).__name__}: {exc}. This is a bug in LoRA2: please "
              "report it with the command you ran (LORA2_DEBUG=1 shows the traceback)")
         return 1

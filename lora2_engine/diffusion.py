@@ -29,6 +29,7 @@ from .formats.io import atomic_write_bytes
 from .formats.keys import UNetLayout
 from .formats.lora_file import LoraFile, adapters_to_lora, lora_bytes
 from .inject import attach
+from .parallel import Parallel
 from .precision import PrecisionConfig
 from .report import report_from_file
 from .runfiles import RunFiles
@@ -72,7 +73,8 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
                     resume: str | os.PathLike | None = None, resume_force: bool = False,
                     out_file: str | os.PathLike | None = None, run: RunFiles | None = None,
                     extra_metadata: dict[str, str] | None = None,
-                    precision: PrecisionConfig | None = None) -> TrainResult:
+                    precision: PrecisionConfig | None = None,
+                    parallel: Parallel | None = None) -> TrainResult:
     """Train LoRA² adapters on ``denoiser.module`` and return them as a LoRA in memory.
 
     ``examples``: ``{"latents": (C, h, w), "c_crossattn": (T, D), ...}`` with conditioning in
@@ -86,7 +88,10 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
     With a size budget in ``export_cfg`` (``size_mb`` / ``params``) ``r_target`` comes from the
     budget, a budget below rank 1 per module is refused before training, and the file spends
     the budget on the learned updates' strongest directions (``sizing.py``).
+    With ``parallel`` (several processes: ``parallel.py``) every process trains its shard of
+    each global batch and only the main one writes files; every process returns the result.
     """
+    par = parallel or Parallel()
     if run is not None:
         checkpoint_path = run.state
     family = get(family) if isinstance(family, str) else family
@@ -96,6 +101,11 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
     module = denoiser.module
     layout = layout or family.model_layout()
     before = fingerprint(module)
+    low, high = par.extremes([before[1]])
+    if low != high:
+        raise ValueError(f"the processes of this run hold different models (weight sums "
+                         f"{low[0]:.6g} to {high[0]:.6g}): every process must load the same "
+                         "model file")
     own = _has_own_switch(module)
     ckpt = train_cfg.grad_checkpointing
     adapter_dtype = None
@@ -111,10 +121,14 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         for p in adapters.factor_parameters():
             p.data = p.data.to(adapter_dtype)
     entropy = family.entropy(module) if train_cfg.lambda_e > 0 else None
+    if par.fsdp:  # after attach: the adapters stay out of FSDP (they change shape)
+        par.shard_frozen(module, adapters.factor_parameters() + adapters.nu_parameters())
     try:
         if run is not None:
-            run.reserve()
-            run.check_space(run.needed_bytes(adapters.factor_parameters()))
+            def hold() -> None:
+                run.reserve()
+                run.check_space(run.needed_bytes(adapters.factor_parameters()))
+            par.on_main(hold)
         if entropy is not None and entropy.num_layers == 0:
             raise ValueError(f"lambda_e={train_cfg.lambda_e}: no text→image attention layer "
                              f"found in this {family.display} model; set lambda_e to 0")
@@ -122,9 +136,10 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
             sizing.check_budget(adapters, export_cfg, layout, train_cfg, train_cfg.steps,
                                 extra_metadata)
         trainer = Trainer(adapters, denoising_loss(denoiser), examples, trainer_cfg,
-                          entropy=entropy, checkpoint_path=checkpoint_path, callbacks=callbacks)
+                          entropy=entropy, checkpoint_path=checkpoint_path, callbacks=callbacks,
+                          parallel=par)
         if resume:
-            trainer.load_checkpoint(resume, allow_changes=resume_force)
+            par.agree(lambda: trainer.load_checkpoint(resume, allow_changes=resume_force))
         with checkpointed_blocks(module, checkpoint=ckpt and not own,
                                  out_of_place=family.inplace_blocks):
             history = trainer.run()
@@ -140,23 +155,40 @@ def train_diffusion(denoiser, examples: list[dict], family: Family | str,
         ranks = {row.name: row.rank for row in report_from_file(lora).rows}  # as written
         if run is not None:
             configs = {"adapter": to_dict(adapter_cfg), "train": to_dict(train_cfg),
-                       "export": to_dict(export_cfg)}
-            with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held; state kept
-                run.publish(data, run_side_files(run, lora, history, configs, len(data)))
+                       "export": to_dict(export_cfg),
+                       "result": run_result(history, trainer.step, par.world)}
+
+            def finish() -> None:
+                with run.finishing(save_state=trainer.save_checkpoint):  # Ctrl-C held
+                    run.publish(data, run_side_files(run, lora, history, configs, len(data)))
+            par.on_main(finish)
             lora.path = run.adapter
         elif out_file is not None:
-            lora.path = atomic_write_bytes(out_file, data, overwrite=export_cfg.overwrite)
+            lora.path = par.on_main(
+                lambda: atomic_write_bytes(out_file, data, overwrite=export_cfg.overwrite)
+            ) or Path(out_file)
     finally:
         if entropy is not None:
             entropy.remove()
         adapters.detach()
         if run is not None:
             run.release()
-    if fingerprint(module) != before:
+    if not par.fsdp and fingerprint(module) != before:  # a sharded model is the run's own
         raise RuntimeError("LoRA² training changed the incoming model; please report this bug")
-    if checkpoint_path is not None and run is None:
+    if checkpoint_path is not None and run is None and par.is_main:
         Path(checkpoint_path).unlink(missing_ok=True)
     return TrainResult(lora, history, ranks, trainer.step, result)
+
+
+LAST_STEPS = 10  # the final loss of a run is the mean task loss of its last steps
+
+
+def run_result(history: list[dict], steps: int, processes: int) -> dict:
+    """What a run reached, kept in its ``config.json`` (the sweep's summary reads it)."""
+    tail = [h["task"] for h in history[-LAST_STEPS:]]
+    return {"steps": steps, "processes": processes,
+            "final_loss": sum(tail) / len(tail) if tail else None,
+            "final_loss_steps": len(tail)}
 
 
 def run_side_files(run: RunFiles, lora: LoraFile, history: list[dict], configs: dict,

@@ -132,6 +132,11 @@ class Adapters:
         """After a backward pass: gradient-initialise every layer's pending slots."""
         return sum(layer.init_pending_from_gradient(generator) for layer in self.layers.values())
 
+    def pending_grads(self) -> list[torch.Tensor]:
+        """The accumulated ``dL/dDeltaW`` of the layers with pending slots (data-parallel
+        training averages them over processes before :meth:`init_pending_slots`)."""
+        return [g for layer in self.layers.values() if (g := layer.pending_grad) is not None]
+
     def clear_pending_grads(self) -> None:
         for layer in self.layers.values():
             layer.clear_pending_grad()

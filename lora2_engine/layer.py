@@ -172,6 +172,11 @@ class LoRALayer(nn.Module):
         g = grad_out.reshape(-1, self.m).float().T @ x.reshape(-1, self.n).float()  # (m, n)
         self._grad_sum = g if self._grad_sum is None else self._grad_sum + g
 
+    @property
+    def pending_grad(self) -> torch.Tensor | None:
+        """The ``dL/dDeltaW`` accumulated for the pending slots this step (or ``None``)."""
+        return self._grad_sum
+
     def clear_pending_grad(self) -> None:
         """Forget a partly accumulated gradient (a step that was rolled back)."""
         self._grad_sum = None

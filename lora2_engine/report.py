@@ -49,6 +49,13 @@ class RankReport:
                 "budget": self.budget, "file_bytes": self.file_bytes,
                 "total_rel_error": self.total_rel_error}
 
+    @classmethod
+    def from_json(cls, data: dict) -> RankReport:
+        """The report a ``.rank_report.json`` holds (see :meth:`to_json`)."""
+        return cls([ComponentRow(**c) for c in data["components"]],
+                   budget=data.get("budget"), file_bytes=data.get("file_bytes"),
+                   total_rel_error=data.get("total_rel_error"))
+
     def summary(self) -> str:
         """The totals (and for compressed or merged files the budget line), a few lines."""
         j = self.to_json()
@@ -212,21 +219,15 @@ def rank_map_grid(report: RankReport) -> tuple[list[str], list[str], list[list[f
     return rows, kinds, [[cells[b].get(k, nan) for k in kinds] for b in rows]
 
 
-def rank_map_figure(report: RankReport, title: str = "learned rank per component"):
-    """A heat map: rows = blocks in model order, columns = module kinds (any LoRA naming);
-    the picture stays within 14 x 20 inches however many modules the file has."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _draw_rank_map(ax, grid: tuple, title: str, max_font: float = 8.0):
+    """Draw a :func:`rank_map_grid` on ``ax`` (ranks written in the cells while they stay
+    legible); returns the image (for a colour bar)."""
     import numpy as np
 
-    rows, cols, values = rank_map_grid(report)
-    grid = np.array(values, dtype=float)
-    width = min(3.0 + 0.62 * len(cols), 14.0)
-    height = min(1.6 + 0.24 * len(rows), 20.0)
-    font = max(4.0, min(8.0, 72 * (height - 1.6) / max(len(rows), 1) * 0.55))
-    fig, ax = plt.subplots(figsize=(width, height))
+    rows, cols, values = grid
+    grid = np.array(values, dtype=float).reshape(len(rows), len(cols))
+    height = ax.figure.get_size_inches()[1] * ax.get_position().height
+    font = max(4.0, min(max_font, 72 * height / max(len(rows), 1) * 0.55))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     if len(rows) * len(cols) <= 2000:
         for i in range(len(rows)):
@@ -234,10 +235,53 @@ def rank_map_figure(report: RankReport, title: str = "learned rank per component
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, int(grid[i, j]), ha="center", va="center", color="w",
                             fontsize=font)
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=min(8.0, max_font))
     ax.set_yticks(range(len(rows)), rows, fontsize=font)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=max_font + 2)
+    return im
+
+
+def rank_map_figure(report: RankReport, title: str = "learned rank per component"):
+    """A heat map: rows = blocks in model order, columns = module kinds (any LoRA naming);
+    the picture stays within 14 x 20 inches however many modules the file has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = rank_map_grid(report)
+    rows, cols, _ = grid
+    width = min(3.0 + 0.62 * len(cols), 14.0)
+    height = min(1.6 + 0.24 * len(rows), 20.0)
+    fig, ax = plt.subplots(figsize=(width, height))
+    im = _draw_rank_map(ax, grid, title)
     fig.colorbar(im, ax=ax, label="rank", fraction=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def contact_sheet_figure(reports: dict[str, RankReport], title: str = "learned ranks",
+                         columns: int = 4):
+    """The rank maps of several adapters side by side (one panel per adapter)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(reports), 1)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    grids = [rank_map_grid(r) for r in reports.values()]
+    shape = max(((len(g[0]), len(g[1])) for g in grids), default=(4, 8))
+    width = min(cols * (1.0 + 0.5 * shape[1]), 24.0)  # bounded like rank_map_figure
+    height = min(rows * (1.4 + 0.2 * shape[0]), 30.0)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(width, height))
+    for ax, name, grid in zip(axes.flat, reports, grids):
+        im = _draw_rank_map(ax, grid, name, max_font=6.0)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    for ax in list(axes.flat)[len(reports):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

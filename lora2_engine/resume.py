@@ -21,6 +21,7 @@ from .formats.io import LoraFileError
 # TrainConfig fields that do not change what the run computes (only how often it saves, or how
 # it trades memory for time); ``steps`` may grow (it is checked on its own).
 HARMLESS_FIELDS = frozenset({"steps", "checkpoint_every", "grad_checkpointing"})
+GLOBAL_BATCH = "batch_size x processes"
 RESUME_HELP = ("--resume takes the <name>.state.safetensors file a run writes on Ctrl-C / "
                "Cancel and every --checkpoint-every steps")
 
@@ -39,7 +40,8 @@ def state_metadata(meta: dict[str, str], path) -> dict[str, Any]:
                             "resumed (start a new run)")
     out: dict[str, Any] = {}
     for key, kind, default in (("step", int, None), ("data.pos", int, None),
-                               ("data.size", int, -1), ("ranks", dict, None),
+                               ("data.size", int, -1), ("data.processes", int, 1),
+                               ("ranks", dict, None),
                                ("history", list, []), ("train_config", dict, None),
                                ("adapter_config", dict, {}), ("pending", dict, {}),
                                ("stats", dict, {})):
@@ -111,6 +113,14 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], 
                                 "lower learning rate")
         if hasattr(layer, "nu_param"):
             need(f"adapter.{name}.nu_param", numel=layer.nu_param.numel())
+
+
+def global_batch(train: dict[str, Any], processes: int) -> dict[str, Any]:
+    """``train`` with the per-process ``batch_size`` replaced by the global batch: a state
+    resumes with any process count that keeps the global batch (the data order is global)."""
+    out = dict(train)
+    out[GLOBAL_BATCH] = out.pop("batch_size", 1) * max(processes, 1)
+    return out
 
 
 def check_data_size(meta: dict[str, Any], order: torch.Tensor, n_examples: int, path,

@@ -131,7 +131,7 @@ class RunFiles:
         if self.state.exists() and not self._resumes_own_state() and not self._state_is_done():
             raise RunFilesError(
                 f"{self.state} holds an unfinished run named {self.name!r} "
-                f"({_describe_state(self.state)}): continue it with --resume {self.state}, "
+                f"({describe_state(self.state)}): continue it with --resume {self.state}, "
                 "or choose another name, or delete that file if you do not need it")
 
     def _resumes_own_state(self) -> bool:
@@ -155,12 +155,15 @@ class RunFiles:
         """Hold the run's name in its folder until :meth:`release`: a second run of that name
         (another process, now) is refused at once instead of racing this one, and a killed
         run's hold is released by the OS. Stale temp files, and a finished run's leftover
-        state, are removed; the targets are checked again (another run may have finished)."""
+        state, are removed; the targets are checked again (another run may have finished).
+        Reserving a run this process already holds only checks again (a sweep claims a
+        subject before it reads the photos, then trains it)."""
         try:
             self.adapter.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise explained(exc, self.adapter.parent, "cannot create the output folder") from None
-        self._acquire()
+        if self._lock_fd is None:
+            self._acquire()
         try:
             clean_stale_temps(self.adapter.parent)
             self._check_targets()
@@ -189,7 +192,7 @@ class RunFiles:
                 fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
                 raise explained(exc, self.lock, "cannot create the run's lock file") from None
-            if not _try_lock(fd):
+            if not try_lock(fd):
                 os.close(fd)
                 raise RunInUseError(
                     f"another run named {self.name!r} is writing into {self.adapter.parent} "
@@ -312,7 +315,7 @@ def _signals_held() -> Iterator[None]:
         signal.raise_signal(got[0])
 
 
-def _try_lock(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     """A non-blocking exclusive lock on the open file ``fd``; released when the process dies."""
     try:
         if os.name == "nt":
@@ -346,7 +349,8 @@ def _metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
-def _describe_state(path: Path) -> str:
+def describe_state(path: Path) -> str:
+    """A state's progress as "step K of N" (its header only)."""
     meta = _metadata(path) or {}
     try:
         steps = json.loads(meta.get("train_config", "{}")).get("steps")

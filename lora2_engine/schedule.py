@@ -190,21 +190,29 @@ def denoising_loss(denoiser):
     ``apply_model``); ``denoiser.model_sampling`` is its schedule. Everything in ``batch`` but
     ``latents`` is conditioning, passed by name. Dividing the x0 error by :func:`output_scale`
     gives ``output - target`` exactly (Eq. 11).
+
+    With ``shard`` (data-parallel, ``parallel.Shard``) ``batch`` holds rows ``start:stop`` of
+    a global batch: the noise levels and noise are drawn for the whole global batch, so every
+    process draws the same numbers and uses its own rows of them.
     """
     from .objective import mse_target
 
     ms = denoiser.model_sampling
 
-    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def loss(batch: dict, generator: torch.Generator, shard=None) -> torch.Tensor:
         x0 = batch["latents"]
-        sigma = sample_sigmas(ms, x0.shape[0], generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+        rows = slice(0, x0.shape[0]) if shard is None else slice(shard.start, shard.stop)
+        total = x0.shape[0] if shard is None else shard.total
+        sigma = sample_sigmas(ms, total, generator)[rows].to(x0.device)
+        noise = torch.randn((total, *x0.shape[1:]), generator=generator,
+                            dtype=torch.float32)[rows].to(x0)
         x_t = ms.noise_scaling(sigma, noise, x0)
         conds = {k: v for k, v in batch.items() if k != "latents" and torch.is_tensor(v)}
         denoised = denoiser(x_t, sigma, **conds).float()
         err = (denoised - x0.float()) / output_scale(ms, sigma, denoised)
         return mse_target(err, torch.zeros_like(err))
 
+    loss.shardable = True
     return loss
 
 

@@ -25,6 +25,7 @@ from .formats.io import load_tensors, save_tensors
 from .inject import Adapters
 from .objective import EntropyCapture, rank_penalty
 from .optim import apply_resizes, make_optimizer
+from .parallel import Parallel, Shard
 
 LossFn = Callable[[dict, torch.Generator], torch.Tensor]
 
@@ -73,14 +74,24 @@ class Trainer:
 
     ``loss_fn(batch, generator)`` returns the task loss (e.g. :func:`schedule.diffusion_loss`);
     the trainer adds ``lambda_r * sum|nu - nu_target|`` and ``lambda_e * entropy`` (Eq. 11).
+
+    With ``parallel`` (several processes, ``parallel.py``) ``config.batch_size`` is per
+    process: every process draws the same global batch and the same random numbers for it
+    and computes its own shard (``loss_fn(batch, generator, shard=...)``, a loss marked
+    ``shardable``), so N processes train what one process does with an N times larger batch.
     """
 
     def __init__(self, adapters: Adapters, loss_fn: LossFn, dataset: Sequence[dict],
                  config: TrainConfig, *, entropy: EntropyCapture | None = None,
                  checkpoint_path: str | os.PathLike | None = None,
-                 callbacks: Callbacks | None = None) -> None:
+                 callbacks: Callbacks | None = None, parallel: Parallel | None = None) -> None:
         if len(dataset) == 0:
             raise ValueError("the dataset is empty: give at least one training example")
+        self.parallel = parallel or Parallel()
+        if self.parallel.active and not getattr(loss_fn, "shardable", False):
+            raise ValueError("data-parallel training needs a loss that computes one shard of "
+                             "the global batch (loss_fn.shardable, e.g. "
+                             "schedule.denoising_loss); run this loss in one process")
         self.adapters, self.loss_fn, self.dataset = adapters, loss_fn, dataset
         self.config = config
         self.entropy = entropy
@@ -98,6 +109,8 @@ class Trainer:
         self.stats = {"loss_sum": 0.0, "loss_n": 0, "nu_sq": 0.0, "nu_n": 0}
         self._set_checkpointing(adapters.model, config.grad_checkpointing)
         adapters.update_ranks(self.generator)  # D(nu) before the first step
+        # every process starts from process 0's adapters (DDP does the same)
+        self.parallel.broadcast_(adapters.factor_parameters() + adapters.nu_parameters())
         device = adapters.factor_parameters()[0].device
         self._device_type = device.type
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
@@ -116,15 +129,20 @@ class Trainer:
         else:
             self._wrap_blocks = on
 
-    def _next_batch(self) -> dict:
+    def _next_batch(self) -> tuple[dict, Shard]:
+        """This process's part of the next global batch (one sampler for all processes, so a
+        state resumes the same data order whatever the process count)."""
+        per, par = self.config.batch_size, self.parallel
+        shard = Shard(par.rank * per, (par.rank + 1) * per, per * par.world)
         items = []
-        for _ in range(self.config.batch_size):
+        for i in range(shard.total):
             if self._pos >= len(self._order):  # a new epoch: a fresh permutation
                 self._order = torch.randperm(len(self.dataset), generator=self.generator)
                 self._pos = 0
-            items.append(self.dataset[int(self._order[self._pos])])
+            if shard.start <= i < shard.stop:
+                items.append(self.dataset[int(self._order[self._pos])])
             self._pos += 1
-        return collate(items)
+        return collate(items), shard
 
     # -- one step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -153,17 +171,30 @@ class Trainer:
             self.adapters.clear_scales()
         changes = self.adapters.update_ranks(self.generator)
         apply_resizes(self.optimizer, self.adapters, changes)
+        self._check_ranks_agree()
         return rec
+
+    def _check_ranks_agree(self) -> None:
+        """Processes that disagree on a rank would train different models: stop at once."""
+        if not self.parallel.active:
+            return
+        ranks = self.adapters.ranks()
+        lo, hi = self.parallel.extremes(list(ranks.values()))
+        differ = [(n, int(a), int(b)) for n, a, b in zip(ranks, lo, hi) if a != b]
+        if differ:
+            name, a, b = differ[0]
+            raise RuntimeError(f"the processes disagree on the rank of {name} after step "
+                               f"{self.step} ({a} vs {b}); this is a bug in LoRA2's "
+                               "data-parallel training: please report it")
 
     NORM_STEPS = 8  # task_norm="initial": the loss unit is the mean of the first 8 losses
     NU_EMA = 0.99  # nu_signal="normalized": memory of the RMS of nu's task gradient
 
-    def _task_unit(self, task: torch.Tensor) -> float:
-        """The divisor of the task loss: 1, or the running mean of the first losses."""
+    def _task_unit(self, value: float) -> float:
+        """The divisor of the task loss: 1, or the running mean of the first (global) losses."""
         if self.config.task_norm == "none":
             return 1.0
         st = self.stats
-        value = float(task.detach())
         if st["loss_n"] < self.NORM_STEPS and math.isfinite(value):
             st["loss_sum"] += value
             st["loss_n"] += 1
@@ -196,21 +227,28 @@ class Trainer:
 
     def _accumulate_and_step(self, cfg: TrainConfig) -> dict:
         task_sum, ent_sum = 0.0, 0.0
+        par = self.parallel
         for _ in range(cfg.grad_accum):
             self.adapters.cache_scales()  # Lambda for all layers in one op (per backward)
-            batch = self._next_batch()
+            batch, shard = self._next_batch()
             if self.entropy is not None:
                 self.entropy.clear()
             with self._autocast():
-                task = self.loss_fn(batch, self.generator)
-            loss = task.float() / self._task_unit(task)
+                task = (self.loss_fn(batch, self.generator, shard=shard) if par.active
+                        else self.loss_fn(batch, self.generator))
             ent = torch.zeros(())
             if self.entropy is not None and cfg.lambda_e > 0:
                 ent = self.entropy.mean()
-                loss = loss + cfg.lambda_e * ent
+            # the global batch's values: the loss unit and the history are the same everywhere
+            task_value, ent_value = par.average([float(task.detach()), float(ent.detach())])
+            loss = task.float() / self._task_unit(task_value) + cfg.lambda_e * ent
             self._backward(loss / cfg.grad_accum)
-            task_sum += float(task.detach())
-            ent_sum += float(ent.detach())
+            task_sum += task_value
+            ent_sum += ent_value
+        # the mean over processes of every gradient, before anything reads one
+        par.mean_([p.grad for p in self.adapters.factor_parameters()
+                   + self.adapters.nu_parameters() if p.grad is not None]
+                  + self.adapters.pending_grads())
         self.adapters.init_pending_slots(self.generator)
         if cfg.nu_signal != "raw":
             self._normalize_nu_grads()
@@ -265,7 +303,8 @@ class Trainer:
                   else contextlib.nullcontext())
         with self._sigint_as_request(), blocks:
             while self.step < steps:
-                if self._stop or (cb.should_stop and cb.should_stop()):
+                stop = bool(self._stop or (cb.should_stop and cb.should_stop()))
+                if self.parallel.any(stop):  # every process stops at the same step
                     raise TrainingInterrupted(self.step, self._save_if_possible(), self._stop)
                 rec = self.train_step()
                 if cb.on_step:
@@ -298,7 +337,11 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _save_if_possible(self) -> Path | None:
-        return self.save_checkpoint() if self.checkpoint_path else None
+        """Write the state (main process only; the others wait until it is written)."""
+        if not self.checkpoint_path:
+            return None
+        self.parallel.on_main(self.save_checkpoint)
+        return self.checkpoint_path
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Atomically write the whole state: A, B, nu (full capacity), optimizer, RNG, step."""
@@ -321,7 +364,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["data.order"] = self._order
         meta = {"lora2.checkpoint": "1", "step": str(self.step), "data.pos": str(self._pos),
-                "data.size": str(len(self.dataset)),
+                "data.size": str(len(self.dataset)), "data.processes": str(self.parallel.world),
                 "ranks": json.dumps(ranks), "pending": json.dumps(pending),
                 "stats": json.dumps(self.stats), "history": json.dumps(self.history),
                 "train_config": json.dumps(to_dict(self.config))}
@@ -343,6 +386,7 @@ class Trainer:
             check_data_size,
             check_settings,
             check_state_tensors,
+            global_batch,
             state_metadata,
         )
 
@@ -353,8 +397,10 @@ class Trainer:
                                 "(other model or targets); resume with the same settings")
         check_state_tensors(tensors, meta, path, self.adapters.layers)
         adapter_cfg = to_dict(self.adapters.config) if self.adapters.config else None
-        for change in check_settings(meta, to_dict(self.config), adapter_cfg, path,
-                                     allow_changes):
+        procs = (meta["data.processes"], self.parallel.world)  # batch_size is per process
+        meta["train_config"] = global_batch(meta["train_config"], procs[0])
+        for change in check_settings(meta, global_batch(to_dict(self.config), procs[1]),
+                                     adapter_cfg, path, allow_changes):
             warnings.warn(f"resuming {path} with a changed setting: {change}", stacklevel=2)
         keep_order = check_data_size(meta, tensors["data.order"], len(self.dataset), path,
                                      allow_changes)
