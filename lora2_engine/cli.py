@@ -428,10 +428,18 @@ _TRAIN_OPTIONS = (  # (flag, type, config field, help)
 )
 
 
-def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
-    from .models.loader import tiny_names
+def stand_in_names() -> list[str]:
+    """``tiny-<family>`` for every family module, read from the package folder: ``--help``
+    must not import torch (the registry's own list, ``models.loader.tiny_names``, does)."""
+    import pkgutil
 
-    others = ", ".join(n for n in tiny_names() if n != "tiny-sdxl")
+    folder = Path(__file__).resolve().parent / "families"
+    return sorted(f"tiny-{m.name}" for m in pkgutil.iter_modules([str(folder)])
+                  if m.name != "base")
+
+
+def _train_args(p: argparse.ArgumentParser, demo: bool) -> None:
+    others = ", ".join(n for n in stand_in_names() if n != "tiny-sdxl")
     p.add_argument("--model", default="tiny-sdxl",
                    help=f"tiny-sdxl (default), {others} (built-in random-weight stand-ins: "
                         "they show the method, not a usable LoRA), or a diffusers SD1.x/SDXL "

@@ -129,3 +129,11 @@ def test_progress_continues_from_the_resumed_step(tmp_path):
     on_step(Trainer, {"task": 0.1, "mean_rank": 2.0})
     assert bar.n == bar.total == 10
     bar.close()
+
+
+def test_help_lists_the_registry_stand_ins():
+    """--help reads stand-in names from the families folder (no torch); the registry agrees."""
+    from lora2_engine.cli import stand_in_names
+    from lora2_engine.models.loader import tiny_names
+
+    assert stand_in_names() == sorted(tiny_names())

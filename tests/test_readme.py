@@ -49,11 +49,21 @@ def test_readme_preset_table_is_the_engine_presets():
     """The table under 'The method, and our defaults' is what config.preset() builds."""
     from lora2_engine.config import PRESETS, preset
 
-    rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \|(.*)\|$", README.read_text(), re.M)
-    table = {name: [float(v) for v in cells.split("|")] for name, cells in rows
-             if name in PRESETS}
+    text = README.read_text()
+    header = re.search(r"^\| preset \|(.*)\|$", text, re.M)
+    cols = [c.strip() for c in header.group(1).split("|")]
+    rows = re.findall(r"^\| `(\w+)`(?: \([^)]*\))? \|(.*)\|$", text[header.end():], re.M)
+    table = {name: dict(zip(cols, (c.strip() for c in cells.split("|"))))
+             for name, cells in rows if name in PRESETS}
     assert sorted(table) == sorted(PRESETS)
-    for name, values in table.items():
-        a, t = preset(name)
-        assert values == [a.r_target, a.init_rank, a.r_max, t.lr, t.nu_lr, t.lambda_r,
-                          t.lambda_e], name
+    numbers = {"r_target": ("adapter", "r_target"), "init rank": ("adapter", "init_rank"),
+               "r_max": ("adapter", "r_max"), "lr": ("train", "lr"),
+               "ν lr": ("train", "nu_lr"), "λ_r": ("train", "lambda_r"),
+               "λ_e": ("train", "lambda_e")}
+    for name, row in table.items():
+        cfg = dict(zip(("adapter", "train"), preset(name)))
+        for col, (part, field) in numbers.items():
+            assert float(row[col]) == getattr(cfg[part], field), (name, col)
+        assert row["new slots"].split()[0] == cfg["adapter"].slot_init, name
+        signal = {"normalised": "normalized"}.get(row["ν signal"], row["ν signal"])
+        assert signal == cfg["train"].nu_signal, name
