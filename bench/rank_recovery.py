@@ -277,7 +277,7 @@ _TASKS: dict[tuple[str, int], Task] = {}
 def _job(args: tuple[str, int, RunSpec, dict[str, Any], str]) -> RunResult:
     task_name, seed, spec, task_kw, out_dir = args
     torch.set_num_threads(1)
-    key = (task_name, seed)
+    key = (task_name, seed, tuple(sorted(task_kw.items())))  # steps/lr change the task
     if key not in _TASKS:
         _TASKS.clear()  # one task in memory per worker
         _TASKS[key] = make_task(task_name, seed, **task_kw)
@@ -572,7 +572,7 @@ def picture(results: Sequence[RunResult], task: str, path: Path) -> Path:
         top = max(top, *ys, *xs)
         bx.scatter(xs, ys, s=14, color=c, alpha=0.7,
                    label=f"{k}: Spearman over planted {v['rho_planted']:.2f}")
-    line = [0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128][: 2 + int(math.log2(max(top, 2)))]
+    line = [0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128][: 3 + int(math.log2(max(top, 2)))]
     bx.plot(line, line, ":", color="0.4", label="learned = planted")
     bx.plot(line, [1.5 * x for x in line], "--", color="0.7", lw=0.8,
             label="1.5 x planted / planted - 1 (calibration bounds)")

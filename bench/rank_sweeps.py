@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the suite")
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="steps suite: only these step counts")
+    ap.add_argument("--lrs", type=float, nargs="+", default=None,
+                    help="lr suite: only these learning rates")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = args.seeds or ([0, 1, 2] if args.suite == "scale" else [0])
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
     saved = load_jsonl([args.load]) if args.load else []
     settings = [(t, kw) for t, kw in SUITES[args.suite]
                 if (not args.tasks or t in args.tasks)
-                and (not args.steps or args.suite != "steps" or kw["steps"] in args.steps)]
+                and (not args.steps or args.suite != "steps" or kw["steps"] in args.steps)
+                and (not args.lrs or args.suite != "lr" or kw["lr"] in args.lrs)]
     for task, kw in settings:
         label = setting_label(task, kw)
         if args.load:
