@@ -102,10 +102,10 @@ def test_train_node_writes_a_file_of_the_chosen_size(server):
     """TrainAdaptiveLoRA with size_mb through POST /prompt: the file on disk lands within 2%
     below the budget at the save dtype, the node says so, and stock LoraLoader loads it all."""
     from .test_server import tiny
-    from .workflow_tools import WORKFLOWS, load
+    from .workflow_tools import WORKFLOWS_API, load
 
     budget_mb = 0.15
-    api = tiny(load(WORKFLOWS / "lora2_train_and_apply_api.json"), filename="budget/trained",
+    api = tiny(load(WORKFLOWS_API / "lora2_train_and_apply_api.json"), filename="budget/trained",
                size_mb=budget_mb, save_dtype="float16", steps=3, preview_every=0)
     out = server.run(api, timeout=900)["outputs"]
     path = server.base / "models" / "loras" / "budget" / "trained.safetensors"

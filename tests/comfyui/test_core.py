@@ -134,7 +134,7 @@ def test_inference_tensors_are_released_for_training(core, moved):
 
 
 @pytest.mark.parametrize("size_mb,r_target,match", [
-    (4.0, 8.0, "size_mb=4 and r_target=8 are both set.*set r_target to 0"),
+    (4.0, 8.0, "size_mb=4 and r_target=8 are both set.*leave r_target at the preset"),
     (-1.0, 0.0, "size_mb=-1.0 is invalid: give the file size in MB"),
 ])
 def test_train_node_budget_settings_are_checked(core, size_mb, r_target, match):
